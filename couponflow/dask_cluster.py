@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def dask_client(settings: Settings) -> Iterator[Client]:
-    """Yield a client of ``settings.dask_scheduler_address``, or of a new LocalCluster."""
+    """Yield a client of the configured scheduler, or of a new LocalCluster."""
     if settings.dask_scheduler_address:
         log.info("connecting to Dask scheduler %s", settings.dask_scheduler_address)
         with Client(settings.dask_scheduler_address) as client:
@@ -23,11 +23,14 @@ def dask_client(settings: Settings) -> Iterator[Client]:
         return
     # Threads, not processes: the feature computation is pandas and pyarrow work
     # that releases the GIL, and threads start in well under a second.
-    with LocalCluster(
-        n_workers=1,
-        threads_per_worker=max(1, settings.dask_workers),
-        processes=False,
-        dashboard_address=None,
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=max(1, settings.dask_workers),
+            processes=False,
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         log.info("started local Dask cluster with %d threads", settings.dask_workers)
         yield client

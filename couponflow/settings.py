@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     feast_redis_url: str = "127.0.0.1:6379"
 
     dask_scheduler_address: str = Field(
-        default="", description="Address of a Dask scheduler; empty starts a LocalCluster."
+        default="",
+        description="Address of a Dask scheduler; empty starts a LocalCluster.",
     )
     dask_workers: int = 2
 
@@ -68,7 +69,9 @@ class Settings(BaseSettings):
         self.model_dir = self.model_dir or home / "models"
         self.reports_dir = self.reports_dir or home / "reports"
         self.truth_dir = self.truth_dir or home / "truth"
-        self.campaign_db_url = self.campaign_db_url or f"sqlite:///{home / 'campaign.db'}"
+        self.campaign_db_url = (
+            self.campaign_db_url or f"sqlite:///{home / 'campaign.db'}"
+        )
         self.mlflow_tracking_uri = (
             self.mlflow_tracking_uri or f"sqlite:///{home / 'mlflow.db'}"
         )

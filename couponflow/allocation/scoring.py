@@ -1,0 +1,176 @@
+"""Expected incremental profit and cost, in cents, of each offer for each user."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from couponflow.money import percent_of_cents_array
+from couponflow.schemas import COUPON_KINDS
+
+log = logging.getLogger(__name__)
+
+FloatMatrix = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+OFFER_COLUMNS: tuple[str, ...] = ("coupon_id", "kind", "value", "min_spend_cents")
+
+
+@dataclass(frozen=True)
+class OfferScores:
+    """Per-user, per-offer scores; column ``j`` of each matrix is ``offer_ids[j]``.
+
+    ``profit_cents`` is the expected incremental profit, ``cost_cents`` the expected
+    discount paid, ``uplift`` the predicted change in conversion probability and
+    ``discount_cents`` the discount if the user converts. Matrices are
+    ``(n_users, n_offers)``.
+    """
+
+    offer_ids: tuple[str, ...]
+    profit_cents: FloatMatrix
+    cost_cents: FloatMatrix
+    uplift: FloatMatrix
+    discount_cents: npt.NDArray[np.int64]
+
+    @property
+    def n_users(self) -> int:
+        return int(self.profit_cents.shape[0])
+
+    @property
+    def n_offers(self) -> int:
+        return int(self.profit_cents.shape[1])
+
+
+def score_offers(
+    p: npt.ArrayLike,
+    aov_cents: npt.ArrayLike,
+    offers: pd.DataFrame,
+    margin_rate: float,
+) -> OfferScores:
+    """Score every offer for every user from the response model's probabilities.
+
+    ``p`` has shape ``(n_users, 1 + n_offers)``: column 0 is the conversion
+    probability without an offer and column ``j`` the probability with the offer in
+    row ``j - 1`` of ``offers`` (the COUPONS contract). For a user with expected
+    basket ``aov`` and an offer with discount ``d``::
+
+        profit = margin_rate * aov * (p[:, j] - p[:, 0]) - p[:, j] * d
+        cost = p[:, j] * d
+
+    An ``amount_off`` coupon whose ``min_spend_cents`` exceeds the user's basket
+    cannot be redeemed, so its discount is 0 and its predicted conversion is
+    replaced by ``p[:, 0]``: uplift, profit and cost are all 0 for that pair.
+    Raises ``ValueError`` naming the invalid input.
+    """
+    probabilities = _validate_probabilities(p)
+    n_users, n_columns = probabilities.shape
+    basket = _validate_aov(aov_cents, n_users)
+    _validate_offers(offers, n_columns - 1)
+    if not 0.0 <= margin_rate <= 1.0:
+        raise ValueError(f"margin_rate must be in [0, 1], got {margin_rate}")
+
+    n_offers = len(offers)
+    discount = np.zeros((n_users, n_offers), dtype=np.int64)
+    with_offer = probabilities[:, 1:].copy()
+    base = probabilities[:, 0]
+    for j, offer in enumerate(offers.itertuples(index=False)):
+        usable = _usable(offer, basket)
+        discount[:, j] = np.where(usable, _discount_cents(offer, basket), 0)
+        with_offer[:, j] = np.where(usable, with_offer[:, j], base)
+
+    uplift = with_offer - base[:, None]
+    cost = with_offer * discount
+    profit = margin_rate * basket[:, None] * uplift - cost
+    log.info(
+        "scored %d users x %d offers; %d pairs with positive expected profit",
+        n_users,
+        n_offers,
+        int((profit > 0).sum()),
+    )
+    return OfferScores(
+        offer_ids=tuple(str(c) for c in offers["coupon_id"]),
+        profit_cents=profit,
+        cost_cents=cost,
+        uplift=uplift,
+        discount_cents=discount,
+    )
+
+
+def _usable(offer: Any, basket: IntArray) -> npt.NDArray[np.bool_]:
+    # NOTE: min_spend_cents applies to amount_off only, as the pricing rules say;
+    # percent_off and free_shipping are usable on any basket.
+    if offer.kind == "amount_off":
+        return np.asarray(basket >= int(offer.min_spend_cents))
+    return np.ones(basket.shape, dtype=bool)
+
+
+def _discount_cents(offer: Any, basket: IntArray) -> IntArray:
+    value = int(offer.value)
+    if offer.kind == "percent_off":
+        return percent_of_cents_array(basket, value)
+    if offer.kind == "amount_off":
+        # A discount larger than the basket is capped at the basket.
+        return np.minimum(basket, value)
+    return np.full(basket.shape, value, dtype=np.int64)
+
+
+def _validate_probabilities(p: npt.ArrayLike) -> FloatMatrix:
+    probabilities = np.asarray(p, dtype=np.float64)
+    if probabilities.ndim != 2 or probabilities.shape[1] < 2:
+        raise ValueError(
+            "p must have shape (n_users, 1 + n_offers) with at least one offer, "
+            f"got shape {probabilities.shape}"
+        )
+    if not np.isfinite(probabilities).all():
+        raise ValueError("p contains NaN or infinite values; fix the model scores")
+    if probabilities.min(initial=0.0) < 0.0 or probabilities.max(initial=0.0) > 1.0:
+        raise ValueError(
+            "p must contain probabilities in [0, 1], got values in "
+            f"[{probabilities.min()}, {probabilities.max()}]"
+        )
+    return probabilities
+
+
+def _validate_aov(aov_cents: npt.ArrayLike, n_users: int) -> IntArray:
+    basket = np.asarray(aov_cents)
+    if basket.shape != (n_users,):
+        raise ValueError(
+            f"aov_cents must have shape ({n_users},) to match p, got {basket.shape}"
+        )
+    if not np.issubdtype(basket.dtype, np.integer):
+        raise ValueError(
+            f"aov_cents must be integer cents, got dtype {basket.dtype}; round the "
+            "expected basket to cents first"
+        )
+    if basket.size and basket.min() < 0:
+        raise ValueError(f"aov_cents must be >= 0, got minimum {basket.min()}")
+    return basket.astype(np.int64)
+
+
+def _validate_offers(offers: pd.DataFrame, n_offers: int) -> None:
+    missing = [c for c in OFFER_COLUMNS if c not in offers.columns]
+    if missing:
+        raise ValueError(f"offers is missing columns {missing} of the COUPONS contract")
+    if len(offers) != n_offers:
+        raise ValueError(
+            f"p has {n_offers} offer columns but offers has {len(offers)} rows; "
+            "column j of p must be the offer in row j - 1"
+        )
+    ids = offers["coupon_id"]
+    if ids.isna().any() or ids.duplicated().any():
+        raise ValueError("offers.coupon_id must be unique and not missing")
+    unknown = sorted(set(offers["kind"]) - set(COUPON_KINDS))
+    if unknown:
+        raise ValueError(
+            f"unknown coupon kind {unknown}; expected one of {COUPON_KINDS}"
+        )
+    if (offers["value"] < 0).any() or (offers["min_spend_cents"] < 0).any():
+        raise ValueError("offers.value and offers.min_spend_cents must be >= 0")
+    percent = offers["kind"] == "percent_off"
+    if (offers.loc[percent, "value"] > 10_000).any():
+        raise ValueError("percent_off value is in basis points and must be <= 10000")

@@ -1,0 +1,470 @@
+"""Per-user features computed with Dask from the offline store, point-in-time correct.
+
+Each row describes one user as of one time, from events strictly before that time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+from distributed import Client
+
+from couponflow import lake
+from couponflow.dask_cluster import dask_client
+from couponflow.schemas import CATEGORIES, EVENTS, USERS, UTC_TS, TableSchema
+from couponflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FEATURES_FILE = "user_features.parquet"
+
+# Recency of a user without events, and the cap on every recency, so that "no event"
+# sorts as the oldest activity. Events older than this before every as-of time are
+# not read at all.
+RECENCY_SENTINEL_DAYS = 365.0
+SHORT_WINDOW = timedelta(days=30)
+LONG_WINDOW = timedelta(days=90)
+NO_CATEGORY = "none"
+NO_PEAK_HOUR = -1
+
+# UTC hour ranges [start, end) of the hour_share_* features.
+DAY_PARTS: dict[str, tuple[int, int]] = {
+    "night": (0, 6),
+    "morning": (6, 12),
+    "afternoon": (12, 18),
+    "evening": (18, 24),
+}
+
+# Output columns and their pandas dtypes, in order. Windows: frequency, spend,
+# events, sessions, browse seconds, click depth and cart rate cover 30 days; aov,
+# affinity, top category, peak hour and hour shares cover 90 days; recency looks
+# back up to RECENCY_SENTINEL_DAYS.
+FEATURE_COLUMNS: dict[str, str] = {
+    "user_id": "string",
+    "event_timestamp": UTC_TS,
+    "created_timestamp": UTC_TS,
+    "recency_days": "float64",
+    "frequency_30d": "int64",
+    "spend_30d_cents": "int64",
+    "aov_cents": "int64",
+    "events_30d": "int64",
+    "sessions_30d": "int64",
+    "browse_seconds_30d": "float64",
+    "click_depth": "float64",
+    "cart_rate": "float64",
+    **{f"affinity_{category}": "float64" for category in CATEGORIES},
+    "top_category": "string",
+    "peak_hour": "int64",
+    **{f"hour_share_{part}": "float64" for part in DAY_PARTS},
+    "days_since_signup": "float64",
+}
+
+_EVENT_COLUMNS = (
+    "user_id",
+    "event_ts",
+    "event_type",
+    "category",
+    "price_cents",
+    "quantity",
+    "session_id",
+    "dwell_seconds",
+)
+_CATEGORY_COUNTS = [f"cat_{category}" for category in CATEGORIES]
+_HOUR_COUNTS = [f"hour_{hour:02d}" for hour in range(24)]
+_SHORT_SUMS = [
+    "events_30d",
+    "purchases_30d",
+    "spend_30d",
+    "clicks_30d",
+    "views_30d",
+    "carts_30d",
+    "dwell_30d",
+]
+_LONG_SUMS = ["purchases_90d", "spend_90d", *_CATEGORY_COUNTS, *_HOUR_COUNTS]
+_KEYS = ["user_id", "as_of_index"]
+_PARTITION_DATE = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+
+
+def compute_user_features(
+    settings: Settings, as_of: Sequence[datetime], client: Client | None = None
+) -> pd.DataFrame:
+    """Compute one feature row per (user, as-of time) from the lake's events and users.
+
+    Only events strictly before an as-of time count for it, and only users who signed
+    up strictly before it get a row; users without events get zeros. Uses ``client``,
+    or a client from :func:`couponflow.dask_cluster.dask_client` when it is None.
+    Raises ``ValueError`` when ``as_of`` is empty or holds a timezone-naive time.
+    """
+    times = _normalize_as_of(as_of)
+    if client is None:
+        with dask_client(settings) as new_client:
+            return _compute(settings, times, new_client)
+    return _compute(settings, times, client)
+
+
+def write_user_features(settings: Settings, frame: pd.DataFrame) -> Path:
+    """Replace ``user_features.parquet`` in the feature folder with ``frame``, atomically.
+
+    Writes a temporary file next to the target and renames it over the target, so a
+    reader (the Feast offline store) sees the old table or the new one, never a part.
+    Raises ``ValueError`` naming the columns of :data:`FEATURE_COLUMNS` that are
+    missing.
+    """
+    missing = [column for column in FEATURE_COLUMNS if column not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"user features frame is missing columns {missing}; build it with "
+            "compute_user_features"
+        )
+    assert settings.feature_dir is not None
+    settings.feature_dir.mkdir(parents=True, exist_ok=True)
+    target = settings.feature_dir / FEATURES_FILE
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        frame[list(FEATURE_COLUMNS)].to_parquet(temporary, index=False)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    log.info("wrote %d user feature rows to %s", len(frame), target)
+    return target
+
+
+def _compute(settings: Settings, times: list[pd.Timestamp], client: Client) -> pd.DataFrame:
+    started = time.perf_counter()
+    event_files = _event_files_for(settings, times)
+    user_files = lake.lake_files(settings, USERS.name)
+    log.info(
+        "computing user features for %d as-of times (%s to %s) from %d event files "
+        "and %d user files",
+        len(times),
+        times[0].isoformat(),
+        times[-1].isoformat(),
+        len(event_files),
+        len(user_files),
+    )
+
+    events = _read_table(event_files, EVENTS, list(_EVENT_COLUMNS))
+    users = _read_table(user_files, USERS, ["user_id", "signup_ts"])
+    window_meta = _window_sums(_empty_events(), times)
+    window_sums = events.map_partitions(_window_sums, times, meta=window_meta)
+    session_meta = _session_pairs(_empty_events(), times)
+    session_pairs = events.map_partitions(_session_pairs, times, meta=session_meta)
+
+    aggregations = {column: "sum" for column in [*_SHORT_SUMS, *_LONG_SUMS]}
+    aggregations["recency_days"] = "min"
+    # One output partition: the reduced tables have one row per (user, as-of), small
+    # enough for one worker, and a tree reduction needs no shuffle.
+    totals = window_sums.groupby(_KEYS).agg(aggregations, split_out=1)
+    sessions = (
+        session_pairs.drop_duplicates(split_out=1).groupby(_KEYS).size(split_out=1)
+    )
+    totals_frame, sessions_series, users_frame = client.compute(
+        [totals, sessions, users], sync=True
+    )
+
+    frame = _assemble(users_frame, totals_frame, sessions_series, times)
+    log.info(
+        "computed %d user feature rows for %d as-of times in %.1f s",
+        len(frame),
+        len(times),
+        time.perf_counter() - started,
+    )
+    return frame
+
+
+def _normalize_as_of(as_of: Sequence[datetime]) -> list[pd.Timestamp]:
+    if len(as_of) == 0:
+        raise ValueError("as_of is empty: pass at least one timezone-aware UTC time")
+    times: set[pd.Timestamp] = set()
+    for position, value in enumerate(as_of):
+        stamp = pd.Timestamp(value)
+        if stamp.tzinfo is None:
+            raise ValueError(
+                f"as_of[{position}] = {value!r} is timezone-naive; pass an aware UTC "
+                "time such as datetime(..., tzinfo=UTC)"
+            )
+        times.add(stamp.tz_convert("UTC").as_unit("ns"))
+    return sorted(times)
+
+
+def _event_files_for(settings: Settings, times: list[pd.Timestamp]) -> list[Path]:
+    """Return the event files whose date partition can affect any as-of time."""
+    first_day = (times[0] - timedelta(days=RECENCY_SENTINEL_DAYS)).date()
+    last_day = times[-1].date()
+    selected = []
+    for path in lake.lake_files(settings, EVENTS.name):
+        partition_day = _partition_day(path)
+        # A folder that is not named date=YYYY-MM-DD is read rather than skipped.
+        if partition_day is None or first_day <= partition_day <= last_day:
+            selected.append(path)
+    return selected
+
+
+def _partition_day(path: Path) -> date | None:
+    match = _PARTITION_DATE.match(path.parent.name)
+    if match is None:
+        return None
+    return date.fromisoformat(match.group(1))
+
+
+def _read_table(files: list[Path], schema: TableSchema, columns: list[str]) -> dd.DataFrame:
+    meta = _typed(schema.empty_frame(), schema, columns)
+    if not files:
+        return dd.from_pandas(meta, npartitions=1)
+    return dd.from_map(
+        _read_file, files, args=(schema, columns), meta=meta, enforce_metadata=False
+    )
+
+
+def _read_file(path: Path, schema: TableSchema, names: list[str]) -> pd.DataFrame:
+    # Not named `columns`: dask.dataframe.from_map passes its own column projection
+    # to a function with a parameter of that name.
+    return _typed(pd.read_parquet(path, columns=names), schema, names)
+
+
+def _typed(frame: pd.DataFrame, schema: TableSchema, columns: list[str]) -> pd.DataFrame:
+    """Cast ``columns`` of ``frame`` to the contract's dtypes, keeping nulls."""
+    out = pd.DataFrame(index=frame.index)
+    for column in columns:
+        dtype = schema.columns[column]
+        if dtype == UTC_TS:
+            out[column] = pd.to_datetime(frame[column], utc=True).dt.as_unit("ns")
+        elif dtype == "int64":
+            # Nullable, so that a file with a missing price still reads.
+            out[column] = frame[column].astype("Int64")
+        else:
+            out[column] = frame[column].astype(dtype)
+    return out
+
+
+def _empty_events() -> pd.DataFrame:
+    return _typed(EVENTS.empty_frame(), EVENTS, list(_EVENT_COLUMNS))
+
+
+def _event_values(part: pd.DataFrame) -> pd.DataFrame:
+    """Return one row of countable values per event, in integer and float columns."""
+    event_type = part["event_type"].fillna("")
+    is_purchase = event_type == "purchase"
+    price = part["price_cents"].fillna(0).astype("int64")
+    # A purchase event without a quantity sold at least one unit.
+    quantity = part["quantity"].fillna(1).astype("int64")
+    spend = np.where(is_purchase, price * quantity, 0).astype("int64")
+    category = part["category"].fillna("")
+    hour = part["event_ts"].dt.hour
+
+    values = {
+        "user_id": part["user_id"],
+        "event_ts": part["event_ts"],
+        "events": np.ones(len(part), dtype="int64"),
+        "purchases": is_purchase.astype("int64"),
+        "spend": spend,
+        "clicks": (event_type == "click").astype("int64"),
+        "views": (event_type == "view").astype("int64"),
+        "carts": (event_type == "add_to_cart").astype("int64"),
+        "dwell": part["dwell_seconds"].fillna(0.0).astype("float64"),
+    }
+    for name, value in zip(_CATEGORY_COUNTS, CATEGORIES, strict=True):
+        values[name] = (category == value).astype("int64")
+    for number, name in enumerate(_HOUR_COUNTS):
+        values[name] = (hour == number).astype("int64")
+    return pd.DataFrame(values, index=part.index)
+
+
+def _window_sums(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
+    """Sum one partition's events per (user, as-of index) over the feature windows.
+
+    Sums and the minimum recency combine across partitions, so the caller reduces
+    these partial results with a groupby.
+    """
+    values = _event_values(part)
+    short_names = {
+        "events": "events_30d",
+        "purchases": "purchases_30d",
+        "spend": "spend_30d",
+        "clicks": "clicks_30d",
+        "views": "views_30d",
+        "carts": "carts_30d",
+        "dwell": "dwell_30d",
+    }
+    long_names = {"purchases": "purchases_90d", "spend": "spend_90d"}
+    pieces = []
+    for index, as_of in enumerate(times):
+        before = values[values["event_ts"] < as_of]
+        last_event = before.groupby("user_id", observed=True)["event_ts"].max()
+        recency = ((as_of - last_event) / pd.Timedelta(days=1)).rename("recency_days")
+
+        long_window = before[before["event_ts"] >= as_of - LONG_WINDOW]
+        long_columns = ["purchases", "spend", *_CATEGORY_COUNTS, *_HOUR_COUNTS]
+        long_sums = long_window.groupby("user_id", observed=True)[long_columns].sum()
+
+        short_window = long_window[long_window["event_ts"] >= as_of - SHORT_WINDOW]
+        short_sums = short_window.groupby("user_id", observed=True)[
+            list(short_names)
+        ].sum()
+
+        piece = pd.concat(
+            [
+                recency,
+                long_sums.rename(columns=long_names),
+                short_sums.rename(columns=short_names),
+            ],
+            axis=1,
+        )
+        piece.index.name = "user_id"
+        piece["as_of_index"] = index
+        pieces.append(piece.reset_index())
+
+    columns = ["user_id", "as_of_index", "recency_days", *_SHORT_SUMS, *_LONG_SUMS]
+    if not pieces:
+        return _typed_sums(pd.DataFrame(columns=columns))
+    return _typed_sums(pd.concat(pieces, ignore_index=True)[columns])
+
+
+def _typed_sums(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.copy()
+    out["user_id"] = out["user_id"].astype("string")
+    out["as_of_index"] = out["as_of_index"].astype("int64")
+    out["recency_days"] = out["recency_days"].astype("float64")
+    for column in [*_SHORT_SUMS, *_LONG_SUMS]:
+        dtype = "float64" if column == "dwell_30d" else "int64"
+        out[column] = out[column].fillna(0).astype(dtype)
+    return out
+
+
+def _session_pairs(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
+    """Return the distinct (user, as-of index, session) of one partition's 30 days."""
+    pieces = []
+    for index, as_of in enumerate(times):
+        in_window = (part["event_ts"] < as_of) & (
+            part["event_ts"] >= as_of - SHORT_WINDOW
+        )
+        pairs = part.loc[in_window, ["user_id", "session_id"]].drop_duplicates()
+        pieces.append(pairs.assign(as_of_index=index))
+    frame = pd.concat(pieces, ignore_index=True)[["user_id", "as_of_index", "session_id"]]
+    return frame.astype(
+        {"user_id": "string", "as_of_index": "int64", "session_id": "string"}
+    )
+
+
+def _assemble(
+    users: pd.DataFrame,
+    totals: pd.DataFrame,
+    sessions: pd.Series,
+    times: list[pd.Timestamp],
+) -> pd.DataFrame:
+    """Join the reduced sums onto every (user, as-of) pair and derive the features."""
+    grid = _user_grid(users, times)
+    totals = totals.reset_index() if isinstance(totals.index, pd.MultiIndex) else totals
+    sums = grid.merge(totals, on=_KEYS, how="left")
+    sessions_frame = sessions.rename("sessions_30d").reset_index()
+    sums = sums.merge(sessions_frame, on=_KEYS, how="left")
+    unmatched = len(totals) - int(totals.merge(grid[_KEYS], on=_KEYS).shape[0])
+    if unmatched:
+        log.info(
+            "skipped %d (user, as-of) event aggregates of users not signed up yet "
+            "or missing from the users table",
+            unmatched,
+        )
+    for column in [*_SHORT_SUMS, *_LONG_SUMS, "sessions_30d"]:
+        dtype = "float64" if column == "dwell_30d" else "int64"
+        sums[column] = sums[column].fillna(0).astype(dtype)
+
+    out = pd.DataFrame(
+        {
+            "user_id": sums["user_id"].astype("string"),
+            "event_timestamp": sums["event_timestamp"],
+            "created_timestamp": pd.Timestamp.now(tz="UTC").as_unit("ns"),
+            "recency_days": sums["recency_days"]
+            .fillna(RECENCY_SENTINEL_DAYS)
+            .clip(upper=RECENCY_SENTINEL_DAYS),
+            "frequency_30d": sums["purchases_30d"],
+            "spend_30d_cents": sums["spend_30d"],
+            "aov_cents": _rounded_mean(sums["spend_90d"], sums["purchases_90d"]),
+            "events_30d": sums["events_30d"],
+            "sessions_30d": sums["sessions_30d"],
+            "browse_seconds_30d": sums["dwell_30d"],
+            "click_depth": _share(sums["clicks_30d"], sums["sessions_30d"]),
+            "cart_rate": _share(sums["carts_30d"], sums["views_30d"]),
+        }
+    )
+    _add_category_features(out, sums)
+    _add_hour_features(out, sums)
+    out["days_since_signup"] = (
+        sums["event_timestamp"] - sums["signup_ts"]
+    ) / pd.Timedelta(days=1)
+    out = out.sort_values(["event_timestamp", "user_id"], ignore_index=True)
+    return out.astype(FEATURE_COLUMNS)[list(FEATURE_COLUMNS)]
+
+
+def _user_grid(users: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
+    """Return one row per (user, as-of) for users who signed up before the as-of."""
+    users = users.dropna(subset=["user_id", "signup_ts"])
+    # A user ingested in two batches keeps the earliest signup.
+    users = users.groupby("user_id", as_index=False, observed=True)["signup_ts"].min()
+    as_of_frame = pd.DataFrame(
+        {
+            "as_of_index": np.arange(len(times), dtype="int64"),
+            "event_timestamp": pd.DatetimeIndex(times).as_unit("ns"),
+        }
+    )
+    grid = users.merge(as_of_frame, how="cross")
+    grid = grid[grid["signup_ts"] < grid["event_timestamp"]]
+    grid["user_id"] = grid["user_id"].astype("string")
+    return grid.reset_index(drop=True)
+
+
+def _rounded_mean(total: pd.Series, count: pd.Series) -> pd.Series:
+    """Return ``total / count`` rounded half up in integers, and 0 where count is 0."""
+    total_values = total.to_numpy(dtype="int64")
+    count_values = count.to_numpy(dtype="int64")
+    safe_count = np.where(count_values > 0, count_values, 1)
+    mean = (2 * total_values + safe_count) // (2 * safe_count)
+    return pd.Series(np.where(count_values > 0, mean, 0), index=total.index)
+
+
+def _share(part: pd.Series, whole: pd.Series) -> pd.Series:
+    whole_values = whole.to_numpy(dtype="float64")
+    safe_whole = np.where(whole_values > 0, whole_values, 1.0)
+    share = part.to_numpy(dtype="float64") / safe_whole
+    return pd.Series(np.where(whole_values > 0, share, 0.0), index=part.index)
+
+
+def _add_category_features(out: pd.DataFrame, sums: pd.DataFrame) -> None:
+    """Add affinity_<category> (shares of categorized 90-day events) and top_category.
+
+    Events whose category is missing or outside CATEGORIES count in no share, so
+    the shares of a user sum to 1, or are all 0 when no event has a known category.
+    Ties for the top category go to the one listed first in CATEGORIES.
+    """
+    counts = sums[_CATEGORY_COUNTS].to_numpy(dtype="float64")
+    total = counts.sum(axis=1)
+    safe_total = np.where(total > 0, total, 1.0)[:, None]
+    shares = np.where(total[:, None] > 0, counts / safe_total, 0.0)
+    for position, category in enumerate(CATEGORIES):
+        out[f"affinity_{category}"] = shares[:, position]
+    top = np.asarray(CATEGORIES, dtype=object)[counts.argmax(axis=1)]
+    out["top_category"] = np.where(total > 0, top, NO_CATEGORY)
+
+
+def _add_hour_features(out: pd.DataFrame, sums: pd.DataFrame) -> None:
+    """Add peak_hour and hour_share_* from the 90-day counts per UTC hour.
+
+    Ties for the peak hour go to the earliest hour.
+    """
+    counts = sums[_HOUR_COUNTS].to_numpy(dtype="float64")
+    total = counts.sum(axis=1)
+    out["peak_hour"] = np.where(total > 0, counts.argmax(axis=1), NO_PEAK_HOUR)
+    safe_total = np.where(total > 0, total, 1.0)
+    for part, (start, end) in DAY_PARTS.items():
+        in_part = counts[:, start:end].sum(axis=1)
+        out[f"hour_share_{part}"] = np.where(total > 0, in_part / safe_total, 0.0)

@@ -1,0 +1,1 @@
+"""Airflow-side pieces of couponflow: the Assets that chain the DAGs, task defaults."""
