@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run-dag", help="run one DAG now, as a real DAG run")
     run.add_argument("dag_id", help="DAG id, for example allocate_campaign")
     run.add_argument(
-        "--conf", default="{}", help='DAG params as JSON, e.g. \'{"budget_cents": 0}\''
+        "--conf", default="{}", help="DAG params as JSON, e.g. '{\"budget_cents\": 0}'"
     )
 
     demo = commands.add_parser(
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from couponflow.demo import run_demo
 
-            run_demo(
+            result = run_demo(
                 settings,
                 n_users=args.users,
                 days=args.days,
@@ -124,18 +124,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 budget_cents=args.budget_cents,
                 fresh=not args.keep,
             )
+            print(result.format())
         elif args.command == "hillstrom":
             from couponflow.hillstrom_study import run_hillstrom_study
 
-            run_hillstrom_study(
+            study = run_hillstrom_study(
                 settings,
                 path=args.path,
                 target_fraction=args.target_fraction,
                 seed=args.seed,
             )
+            print(study.format())
         elif args.command == "serve":
             import uvicorn
-
             from serving.app import create_app
 
             uvicorn.run(create_app(settings), host=args.host, port=args.port)

@@ -91,6 +91,22 @@ _SHORT_SUMS = [
     "dwell_30d",
 ]
 _LONG_SUMS = ["purchases_90d", "spend_90d", *_CATEGORY_COUNTS, *_HOUR_COUNTS]
+# Columns of the per-event count matrix, and the ones summed over each window.
+_COUNT_NAMES = [
+    "events",
+    "purchases",
+    "spend",
+    "clicks",
+    "views",
+    "carts",
+    *_CATEGORY_COUNTS,
+    *_HOUR_COUNTS,
+]
+_FIRST_CATEGORY = _COUNT_NAMES.index(_CATEGORY_COUNTS[0])
+_FIRST_HOUR = _COUNT_NAMES.index(_HOUR_COUNTS[0])
+_SHORT_COUNTS = ["events", "purchases", "spend", "clicks", "views", "carts"]
+_LONG_COUNTS = ["purchases", "spend", *_CATEGORY_COUNTS, *_HOUR_COUNTS]
+_NANOS_PER_DAY = 86_400 * 10**9
 _KEYS = ["user_id", "as_of_index"]
 _PARTITION_DATE = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 
@@ -251,33 +267,30 @@ def _empty_events() -> pd.DataFrame:
     return _typed(EVENTS.empty_frame(), EVENTS, list(_EVENT_COLUMNS))
 
 
-def _event_values(part: pd.DataFrame) -> pd.DataFrame:
-    """Return one row of countable values per event, in integer and float columns."""
-    event_type = part["event_type"].fillna("")
+def _event_counts(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Return a row per event of integer counts (columns _COUNT_NAMES), and dwell."""
+    event_type = part["event_type"].fillna("").to_numpy(dtype=object)
     is_purchase = event_type == "purchase"
-    price = part["price_cents"].fillna(0).astype("int64")
+    price = part["price_cents"].fillna(0).to_numpy(dtype="int64")
     # A purchase event without a quantity sold at least one unit.
-    quantity = part["quantity"].fillna(1).astype("int64")
-    spend = np.where(is_purchase, price * quantity, 0).astype("int64")
-    category = part["category"].fillna("")
-    hour = part["event_ts"].dt.hour
+    quantity = part["quantity"].fillna(1).to_numpy(dtype="int64")
+    category_codes = pd.Categorical(part["category"], categories=CATEGORIES).codes
+    hours = part["event_ts"].dt.hour.to_numpy(dtype="int64")
 
-    values = {
-        "user_id": part["user_id"],
-        "event_ts": part["event_ts"],
-        "events": np.ones(len(part), dtype="int64"),
-        "purchases": is_purchase.astype("int64"),
-        "spend": spend,
-        "clicks": (event_type == "click").astype("int64"),
-        "views": (event_type == "view").astype("int64"),
-        "carts": (event_type == "add_to_cart").astype("int64"),
-        "dwell": part["dwell_seconds"].fillna(0.0).astype("float64"),
-    }
-    for name, value in zip(_CATEGORY_COUNTS, CATEGORIES, strict=True):
-        values[name] = (category == value).astype("int64")
-    for number, name in enumerate(_HOUR_COUNTS):
-        values[name] = (hour == number).astype("int64")
-    return pd.DataFrame(values, index=part.index)
+    counts = np.zeros((len(part), len(_COUNT_NAMES)), dtype="int64")
+    counts[:, 0] = 1
+    counts[:, 1] = is_purchase
+    counts[:, 2] = np.where(is_purchase, price * quantity, 0)
+    counts[:, 3] = event_type == "click"
+    counts[:, 4] = event_type == "view"
+    counts[:, 5] = event_type == "add_to_cart"
+    rows = np.arange(len(part))
+    # Code -1 (a missing or unknown category) counts in no category column.
+    known = category_codes >= 0
+    counts[rows[known], _FIRST_CATEGORY + category_codes[known]] = 1
+    counts[rows, _FIRST_HOUR + hours] = 1
+    dwell = part["dwell_seconds"].fillna(0.0).to_numpy(dtype="float64")
+    return counts, dwell
 
 
 def _window_sums(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
@@ -286,48 +299,56 @@ def _window_sums(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
     Sums and the minimum recency combine across partitions, so the caller reduces
     these partial results with a groupby.
     """
-    values = _event_values(part)
-    short_names = {
-        "events": "events_30d",
-        "purchases": "purchases_30d",
-        "spend": "spend_30d",
-        "clicks": "clicks_30d",
-        "views": "views_30d",
-        "carts": "carts_30d",
-        "dwell": "dwell_30d",
-    }
-    long_names = {"purchases": "purchases_90d", "spend": "spend_90d"}
+    part = part.dropna(subset=["user_id", "event_ts"])
+    user_codes, user_ids = pd.factorize(part["user_id"])
+    stamps = part["event_ts"].astype("int64").to_numpy()
+    counts, dwell = _event_counts(part)
+    short_columns = [_COUNT_NAMES.index(name) for name in _SHORT_COUNTS]
+    long_columns = [_COUNT_NAMES.index(name) for name in _LONG_COUNTS]
+
     pieces = []
     for index, as_of in enumerate(times):
-        before = values[values["event_ts"] < as_of]
-        last_event = before.groupby("user_id", observed=True)["event_ts"].max()
-        recency = ((as_of - last_event) / pd.Timedelta(days=1)).rename("recency_days")
+        before = stamps < as_of.value
+        if not before.any():
+            continue
+        last_event = np.full(len(user_ids), np.iinfo("int64").min, dtype="int64")
+        np.maximum.at(last_event, user_codes[before], stamps[before])
+        present = last_event > np.iinfo("int64").min
 
-        long_window = before[before["event_ts"] >= as_of - LONG_WINDOW]
-        long_columns = ["purchases", "spend", *_CATEGORY_COUNTS, *_HOUR_COUNTS]
-        long_sums = long_window.groupby("user_id", observed=True)[long_columns].sum()
+        long_window = before & (stamps >= (as_of - LONG_WINDOW).value)
+        long_sums = _sum_by_code(counts, user_codes, long_window, len(user_ids))
+        short_window = long_window & (stamps >= (as_of - SHORT_WINDOW).value)
+        short_sums = _sum_by_code(counts, user_codes, short_window, len(user_ids))
+        short_dwell = np.zeros(len(user_ids), dtype="float64")
+        np.add.at(short_dwell, user_codes[short_window], dwell[short_window])
 
-        short_window = long_window[long_window["event_ts"] >= as_of - SHORT_WINDOW]
-        short_sums = short_window.groupby("user_id", observed=True)[
-            list(short_names)
-        ].sum()
-
-        piece = pd.concat(
-            [
-                recency,
-                long_sums.rename(columns=long_names),
-                short_sums.rename(columns=short_names),
-            ],
-            axis=1,
+        piece = pd.DataFrame(
+            short_sums[present][:, short_columns], columns=_SHORT_SUMS[:-1]
         )
-        piece.index.name = "user_id"
-        piece["as_of_index"] = index
-        pieces.append(piece.reset_index())
+        piece["dwell_30d"] = short_dwell[present]
+        long_frame = pd.DataFrame(
+            long_sums[present][:, long_columns], columns=_LONG_SUMS
+        )
+        piece = pd.concat([piece, long_frame], axis=1)
+        piece.insert(0, "user_id", user_ids[present])
+        piece.insert(1, "as_of_index", index)
+        piece.insert(
+            2, "recency_days", (as_of.value - last_event[present]) / _NANOS_PER_DAY
+        )
+        pieces.append(piece)
 
     columns = ["user_id", "as_of_index", "recency_days", *_SHORT_SUMS, *_LONG_SUMS]
     if not pieces:
         return _typed_sums(pd.DataFrame(columns=columns))
     return _typed_sums(pd.concat(pieces, ignore_index=True)[columns])
+
+
+def _sum_by_code(
+    counts: np.ndarray, codes: np.ndarray, mask: np.ndarray, size: int
+) -> np.ndarray:
+    sums = np.zeros((size, counts.shape[1]), dtype="int64")
+    np.add.at(sums, codes[mask], counts[mask])
+    return sums
 
 
 def _typed_sums(frame: pd.DataFrame) -> pd.DataFrame:
@@ -343,14 +364,20 @@ def _typed_sums(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _session_pairs(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
     """Return the distinct (user, as-of index, session) of one partition's 30 days."""
+    part = part.dropna(subset=["user_id", "event_ts", "session_id"])
+    stamps = part["event_ts"].astype("int64").to_numpy()
+    pairs = part[["user_id", "session_id"]]
     pieces = []
     for index, as_of in enumerate(times):
-        in_window = (part["event_ts"] < as_of) & (
-            part["event_ts"] >= as_of - SHORT_WINDOW
+        in_window = (stamps < as_of.value) & (
+            stamps >= (as_of - SHORT_WINDOW).value
         )
-        pairs = part.loc[in_window, ["user_id", "session_id"]].drop_duplicates()
-        pieces.append(pairs.assign(as_of_index=index))
-    frame = pd.concat(pieces, ignore_index=True)[["user_id", "as_of_index", "session_id"]]
+        if in_window.any():
+            distinct = pairs[in_window].drop_duplicates()
+            pieces.append(distinct.assign(as_of_index=index))
+    columns = ["user_id", "as_of_index", "session_id"]
+    frame = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame()
+    frame = frame.reindex(columns=columns)
     return frame.astype(
         {"user_id": "string", "as_of_index": "int64", "session_id": "string"}
     )

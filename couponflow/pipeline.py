@@ -80,3 +80,399 @@ def ingest_table(table: str) -> dict[str, Any]:
         summary["rows_quarantined"],
     )
     return summary
+
+
+# --- build_features -------------------------------------------------------------
+
+
+def snapshot_times(last_event: pd.Timestamp, snapshot_days: int) -> list[datetime]:
+    """Return daily as-of times (UTC midnights), the last one after ``last_event``."""
+    if snapshot_days < 1:
+        raise ValueError(f"snapshot_days must be >= 1, got {snapshot_days}")
+    latest = last_event.tz_convert("UTC").floor("D") + pd.Timedelta(days=1)
+    return [
+        (latest - pd.Timedelta(days=k)).to_pydatetime()
+        for k in reversed(range(snapshot_days))
+    ]
+
+
+def compute_features(snapshot_days: int) -> dict[str, Any]:
+    """Compute daily feature snapshots with Dask into the Feast offline source."""
+    from couponflow.features import compute_user_features, write_user_features
+
+    settings = get_settings()
+    events = lake.lake_files(settings, "events")
+    if not events:
+        raise FileNotFoundError(
+            f"no accepted events under {lake.lake_table_dir(settings, 'events')}; "
+            "run the ingest_events DAG first"
+        )
+    last_event = _last_event_time(settings)
+    as_of = snapshot_times(last_event, snapshot_days)
+    frame = compute_user_features(settings, as_of)
+    path = write_user_features(settings, frame)
+    return {
+        "rows": len(frame),
+        "users": int(frame["user_id"].nunique()),
+        "snapshots": len(as_of),
+        "first_as_of": as_of[0].isoformat(),
+        "latest_as_of": as_of[-1].isoformat(),
+        "path": str(path),
+    }
+
+
+def _last_event_time(settings: Settings) -> pd.Timestamp:
+    files = lake.lake_files(settings, "events")
+    # Partitions are named by UTC date, so the newest partition holds the last event.
+    newest_day = max(f.parent.name for f in files)
+    newest = [f for f in files if f.parent.name == newest_day]
+    times = pd.concat(pd.read_parquet(f, columns=["event_ts"]) for f in newest)
+    return pd.Timestamp(pd.to_datetime(times["event_ts"], utc=True).max())
+
+
+def apply_feature_repo() -> dict[str, Any]:
+    """Register the Feast definitions (``feast apply``)."""
+    from couponflow.feature_store import apply_definitions
+
+    settings = get_settings()
+    apply_definitions(settings)
+    return {"registry": settings.feast_registry}
+
+
+def materialize_online(latest_as_of: str) -> dict[str, Any]:
+    """Materialize every feature view into the online store up to ``latest_as_of``."""
+    from couponflow.feature_store import materialize
+
+    settings = get_settings()
+    end = datetime.fromisoformat(latest_as_of) + timedelta(seconds=1)
+    materialize(settings, end)
+    return {"materialized_until": end.isoformat()}
+
+
+# --- train_models ---------------------------------------------------------------
+
+
+def _latest_features(settings: Settings) -> pd.DataFrame:
+    assert settings.feature_dir is not None
+    path = settings.feature_dir / "user_features.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run the build_features DAG first")
+    frame = pd.read_parquet(path)
+    frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"], utc=True)
+    latest = frame["event_timestamp"].max()
+    return frame[frame["event_timestamp"] == latest].reset_index(drop=True)
+
+
+def train_profiles(epochs: int) -> dict[str, Any]:
+    """Train the TensorFlow profile model on recent events and log it to MLflow."""
+    from training.profile import log_profile_model, train_profile_model
+
+    settings = get_settings()
+    as_of = _latest_features(settings)["event_timestamp"].max().to_pydatetime()
+    events = lake.read_lake_table(settings, "events")
+    users = lake.read_lake_table(settings, "users")
+    result = train_profile_model(
+        events, users, as_of=as_of, settings=settings, epochs=epochs, seed=7
+    )
+    run_id = log_profile_model(result, settings)
+    from couponflow.feature_store import materialize
+
+    materialize(settings, as_of + timedelta(seconds=1))
+    return {"run_id": run_id, "users": len(result.profiles), **_floats(result.metrics)}
+
+
+def randomized_training_rows(settings: Settings) -> pd.DataFrame:
+    """Return exposures of randomized campaigns joined with their outcomes.
+
+    One row per exposure, ``event_timestamp`` = send time, so that Feast joins the
+    features as they were when the coupon was sent.
+    """
+    exposures = lake.read_lake_table(settings, "exposures")
+    exposures = exposures[exposures["policy"] == RANDOMIZED_POLICY]
+    if exposures.empty:
+        raise ValueError(
+            f"no exposures with policy {RANDOMIZED_POLICY!r} in the offline store; "
+            "the response model trains on randomized campaigns only"
+        )
+    outcomes = lake.read_lake_table(settings, "outcomes")
+    rows = exposures.merge(
+        outcomes[["campaign_id", "user_id", "converted", "revenue_cents"]],
+        on=["campaign_id", "user_id"],
+        how="left",
+        validate="one_to_one",
+    )
+    # An exposure with no outcome row is a user who did nothing in the window.
+    rows["converted"] = rows["converted"].fillna(False).astype(bool)
+    rows["revenue_cents"] = rows["revenue_cents"].fillna(0).astype("int64")
+    rows = rows.rename(columns={"send_at": "event_timestamp"})
+    return rows.reset_index(drop=True)
+
+
+def train_response(seed: int) -> dict[str, Any]:
+    """Train the uplift response model on randomized campaigns; register it in MLflow."""
+    from couponflow.feature_store import training_frame
+    from training.registry import log_and_register
+    from training.response import evaluate, split_holdout, train_response_model
+
+    settings = get_settings()
+    rows = randomized_training_rows(settings)
+    frame = training_frame(settings, rows)
+    coupons = lake.read_lake_table(settings, "coupons")
+    holdout = split_holdout(frame["user_id"])
+    train, test = frame[~holdout], frame[holdout]
+    log.info("response model: %d training rows, %d holdout rows", len(train), len(test))
+    model = train_response_model(train, coupons, seed=seed, params=None)
+    metrics = evaluate(model, test, coupons)
+    registration = log_and_register(model, metrics, settings, test, coupons)
+    return {
+        "train_rows": len(train),
+        "holdout_rows": len(test),
+        **_jsonable(
+            asdict(registration)
+            if hasattr(registration, "__dataclass_fields__")
+            else registration
+        ),
+    }
+
+
+# --- allocate_campaign ----------------------------------------------------------
+
+
+def active_offers(
+    coupons: pd.DataFrame, offers: list[str], at: pd.Timestamp
+) -> pd.DataFrame:
+    """Return the requested coupons that are valid at ``at``, in catalogue order."""
+    if offers:
+        unknown = sorted(set(offers) - set(coupons["coupon_id"]))
+        if unknown:
+            raise ValueError(
+                f"unknown offers {unknown}; the catalogue has "
+                f"{sorted(coupons['coupon_id'])}"
+            )
+        coupons = coupons[coupons["coupon_id"].isin(offers)]
+    valid = coupons[(coupons["starts_at"] <= at) & (coupons["ends_at"] > at)]
+    if valid.empty:
+        raise ValueError(f"no requested coupon is valid at {at.isoformat()}")
+    return valid.drop_duplicates("coupon_id", keep="last").reset_index(drop=True)
+
+
+def score_campaign(campaign_id: str, offers: list[str]) -> dict[str, Any]:
+    """Score every user x offer with the champion model; save the matrices."""
+    from couponflow.allocation import score_offers
+    from couponflow.feature_store import training_frame
+    from training.registry import load_champion
+
+    settings = get_settings()
+    folder = campaign_dir(settings, campaign_id)
+    model = load_champion(settings)
+    latest = _latest_features(settings)
+    as_of = latest["event_timestamp"].max()
+    entity = latest[["user_id", "event_timestamp"]]
+    users = training_frame(settings, entity)
+    coupons = active_offers(lake.read_lake_table(settings, "coupons"), offers, as_of)
+
+    p = model.predict_conversion(users, coupons)
+    scores = score_offers(
+        p, users["aov_cents"].to_numpy("int64"), coupons, settings.margin_rate
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        folder / "scores.npz",
+        p=p,
+        profit=scores.profit_cents,
+        cost=scores.cost_cents,
+        uplift=scores.uplift,
+    )
+    users[["user_id"]].to_parquet(folder / "users.parquet", index=False)
+    coupons.to_parquet(folder / "offers.parquet", index=False)
+    return {
+        "campaign_id": campaign_id,
+        "users": len(users),
+        "offers": coupons["coupon_id"].tolist(),
+        "as_of": as_of.isoformat(),
+        "model_uri": getattr(model, "model_uri", "champion"),
+        "folder": str(folder),
+    }
+
+
+def solve_campaign(
+    scores: dict[str, Any], budget_cents: int, holdout_fraction: float, seed: int
+) -> dict[str, Any]:
+    """Choose at most one offer per user within budget; store it atomically."""
+    from couponflow.allocation import (
+        OfferScores,
+        assign_campaign,
+        solve_budget,
+        write_allocation,
+    )
+
+    settings = get_settings()
+    folder = Path(scores["folder"])
+    matrices = np.load(folder / "scores.npz")
+    users = pd.read_parquet(folder / "users.parquet")
+    coupons = pd.read_parquet(folder / "offers.parquet")
+    offer_scores = OfferScores(
+        profit_cents=matrices["profit"],
+        cost_cents=matrices["cost"],
+        uplift=matrices["uplift"],
+        offer_ids=coupons["coupon_id"].tolist(),
+    )
+    solution = solve_budget(
+        offer_scores.profit_cents, offer_scores.cost_cents, budget_cents
+    )
+    send_at = pd.Timestamp(scores["as_of"])
+    plan = assign_campaign(
+        users["user_id"].astype(str).tolist(),
+        solution,
+        offer_scores,
+        holdout_fraction=holdout_fraction,
+        seed=seed,
+        send_at=send_at,
+        channel=_default_channels(coupons),
+    )
+    engine = get_engine(settings.campaign_db_url)
+    params = {
+        "budget_cents": budget_cents,
+        "holdout_fraction": holdout_fraction,
+        "seed": seed,
+        "offers": scores["offers"],
+    }
+    version = write_allocation(
+        engine, scores["campaign_id"], plan, scores["model_uri"], budget_cents, params
+    )
+    plan.to_parquet(folder / f"allocation-v{version}.parquet", index=False)
+    granted = plan[plan["arm"] != CONTROL_ARM]
+    summary = {
+        "campaign_id": scores["campaign_id"],
+        "version": version,
+        "users": len(plan),
+        "holdout_users": int((plan["group_name"] == "holdout").sum()),
+        "offers_granted": int(len(granted)),
+        "expected_cost_cents": int(
+            plan.loc[plan["group_name"] == "treatment", "expected_cost_cents"].sum()
+        ),
+        "budget_cents": budget_cents,
+        "budget_used_fraction": solution.budget_used_fraction,
+        "expected_profit_cents": float(solution.total_profit),
+    }
+    log.info("allocation %s", summary)
+    return summary
+
+
+def _default_channels(coupons: pd.DataFrame) -> dict[str, str]:
+    """Return each coupon's first listed channel."""
+    return {
+        row.coupon_id: str(row.channels).split(",")[0].strip() or "email"
+        for row in coupons.itertuples()
+    }
+
+
+# --- analyze_experiment ---------------------------------------------------------
+
+
+def campaigns_to_analyze(campaign_id: str | None) -> list[str]:
+    """Return ``[campaign_id]``, or every campaign with outcomes in the offline store."""
+    settings = get_settings()
+    outcomes = lake.read_lake_table(settings, "outcomes")
+    known = sorted(outcomes["campaign_id"].astype(str).unique())
+    if campaign_id is None:
+        return known
+    if campaign_id not in known:
+        raise ValueError(
+            f"campaign {campaign_id!r} has no outcomes in the offline store; "
+            f"campaigns with outcomes: {known}"
+        )
+    return [campaign_id]
+
+
+def allocation_for_analysis(settings: Settings, campaign_id: str) -> pd.DataFrame:
+    """Return the campaign's current allocation, or its logged exposures as one.
+
+    A randomized campaign logged outside couponflow has no allocation; its control
+    arm is then the holdout.
+    """
+    from couponflow.allocation import read_current_allocation
+
+    engine = get_engine(settings.campaign_db_url)
+    allocation = read_current_allocation(engine, campaign_id)
+    if allocation is not None and not allocation.empty:
+        return allocation
+    exposures = lake.read_lake_table(settings, "exposures")
+    exposures = exposures[exposures["campaign_id"] == campaign_id]
+    if exposures.empty:
+        raise ValueError(f"campaign {campaign_id!r} has no allocation and no exposures")
+    frame = exposures[["user_id", "arm", "channel", "send_at", "propensity"]].copy()
+    frame["group_name"] = np.where(frame["arm"] == CONTROL_ARM, "holdout", "treatment")
+    frame["score_uplift"] = 0.0
+    frame["expected_cost_cents"] = 0
+    frame["expected_profit_cents"] = 0
+    return frame.reset_index(drop=True)
+
+
+def analyze_campaign(campaign_id: str) -> dict[str, Any]:
+    """Compare each arm with the holdout; write the HTML report, log it to MLflow."""
+    from couponflow.analysis import analyze_experiment
+    from couponflow.report import log_report_to_mlflow, write_report
+
+    settings = get_settings()
+    allocation = allocation_for_analysis(settings, campaign_id)
+    outcomes = lake.read_lake_table(settings, "outcomes")
+    outcomes = outcomes[outcomes["campaign_id"] == campaign_id]
+    holdout_share = float((allocation["group_name"] == "holdout").mean())
+    design = _design_holdout_fraction(settings, campaign_id, holdout_share)
+    result = analyze_experiment(
+        allocation,
+        outcomes,
+        margin_rate=settings.margin_rate,
+        expected_holdout_fraction=design,
+    )
+    assert settings.reports_dir is not None
+    path = settings.reports_dir / campaign_id / "report.html"
+    write_report(result, path, title=f"Campaign {campaign_id}")
+    run_id = log_report_to_mlflow(result, path, settings, campaign_id)
+    return {
+        "campaign_id": campaign_id,
+        "report": str(path),
+        "mlflow_run_id": run_id,
+        "trustworthy": bool(result.trustworthy),
+    }
+
+
+def _design_holdout_fraction(
+    settings: Settings, campaign_id: str, observed: float
+) -> float:
+    """Return the designed holdout fraction of a couponflow allocation.
+
+    For a campaign logged outside couponflow the design is read from propensities:
+    the control arm's logged propensity.
+    """
+    engine = get_engine(settings.campaign_db_url)
+    import sqlalchemy as sa
+
+    from couponflow.store import allocation_versions
+
+    with engine.connect() as connection:
+        row = connection.execute(
+            sa.select(allocation_versions.c.params_json).where(
+                allocation_versions.c.campaign_id == campaign_id,
+                allocation_versions.c.is_current.is_(True),
+            )
+        ).first()
+    if row is not None:
+        return float(json.loads(row[0])["holdout_fraction"])
+    exposures = lake.read_lake_table(settings, "exposures")
+    control = exposures[
+        (exposures["campaign_id"] == campaign_id) & (exposures["arm"] == CONTROL_ARM)
+    ]
+    return float(control["propensity"].iloc[0]) if not control.empty else observed
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -322,6 +322,10 @@ def _uplift_section(result: ExperimentResult) -> str:
         ["Qini coefficient", _number(uplift.qini_coefficient)],
         ["AUUC", _number(uplift.auuc)],
     ]
+    rows += [
+        [f"uplift at {key.replace('_', ' ')}", _points(value)]
+        for key, value in uplift.uplift_at_k.items()
+    ]
     rows += [[f"{name} missing", reason] for name, reason in uplift.reasons.items()]
     parts = [_table(["metric", "value"], rows, text_columns={0, 1})]
     if uplift.curve_fraction:
@@ -388,7 +392,7 @@ def _qini_figure(result: ExperimentResult) -> Figure:
         label="random targeting",
     )
     axes.set_xlabel("fraction of users targeted, by descending score")
-    axes.set_ylabel("incremental conversions (Qini)")
+    axes.set_ylabel("incremental conversions per treated user")
     axes.set_title("Qini curve of score_uplift")
     axes.legend()
     return figure

@@ -25,6 +25,7 @@ from couponflow.simulate import (
 
 SMALL_USERS = 600
 SMALL_DAYS = 14
+LARGE_USERS = 20_000
 # Sampling-error checks allow this many standard errors, so a correct simulator fails
 # one of them with probability well under 1e-3.
 MAX_STANDARD_ERRORS = 4.0
@@ -37,7 +38,7 @@ def world() -> World:
 
 @pytest.fixture(scope="module")
 def large_world() -> World:
-    return simulate_world(6_000, MIN_DAYS, seed=5)
+    return simulate_world(LARGE_USERS, MIN_DAYS, seed=5)
 
 
 def _tables(world: World) -> dict[str, pd.DataFrame]:
@@ -211,9 +212,10 @@ def test_incremental_profit_formula(world: World) -> None:
 
 
 def _assert_rates_match_truth(outcomes: pd.DataFrame, truth: pd.DataFrame) -> None:
-    """Check conversion, revenue and discount per arm against the truth."""
+    """Check conversion, revenue and discount per arm, and pooled, against the truth."""
     joined = outcomes.merge(truth, on=["user_id", "coupon_id"], validate="one_to_one")
-    for arm, rows in joined.groupby("coupon_id"):
+    groups = [*joined.groupby("coupon_id"), ("pooled", joined)]
+    for arm, rows in groups:
         n = len(rows)
         p = rows["p_convert"].to_numpy()
         rate_error = np.sqrt((p * (1 - p)).sum()) / n
@@ -234,6 +236,20 @@ def test_past_outcomes_match_truth(large_world: World) -> None:
         coupon_id=large_world.exposures["arm"].to_numpy()
     )
     _assert_rates_match_truth(outcomes, large_world.truth)
+
+
+def test_respond_matches_truth_per_arm(large_world: World) -> None:
+    users = large_world.latent["user_id"]
+    send_at = large_world.meta["end"]
+    for arm in [CONTROL_ARM, *large_world.coupons["coupon_id"]]:
+        channel = "email" if arm == CONTROL_ARM else "push"
+        if arm == "amt-1500-elec":
+            channel = "email"
+        assignments = pd.DataFrame(
+            {"user_id": users, "arm": arm, "channel": channel, "send_at": send_at}
+        )
+        outcomes = respond(large_world, assignments, f"check-{arm}", seed=3)
+        _assert_rates_match_truth(outcomes.assign(coupon_id=arm), large_world.truth)
 
 
 def test_write_world_layout(tmp_path: Path, world: World) -> None:

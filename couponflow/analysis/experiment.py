@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from scipy import stats
 
+from couponflow import uplift
 from couponflow.analysis.stats import (
     Interval,
     finite_or_none,
@@ -49,6 +51,8 @@ SRM_P_THRESHOLD = 0.001
 SRM_WITHHELD = "withheld: sample ratio mismatch"
 # Points kept of the Qini curve, enough for a smooth plot at report size.
 CURVE_POINTS = 201
+# Top shares of users, by descending score, at which uplift_at_k is reported.
+UPLIFT_AT_K: tuple[float, ...] = (0.1, 0.3, 0.5)
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,10 @@ class UpliftSummary:
     control_users: int
     qini_coefficient: float | None
     auuc: float | None
-    # Fraction of users targeted (by descending score) and the Qini gain there.
+    # Treated-minus-control conversion rate among the top k share of users by score.
+    uplift_at_k: dict[str, float]
+    # Fraction of users targeted (by descending score), and the Qini value there:
+    # incremental conversions per treated user of the whole sample.
     curve_fraction: list[float]
     curve_gain: list[float]
     reasons: dict[str, str] = field(default_factory=dict)
@@ -375,8 +382,8 @@ def _join_outcomes(
     frame = frame.drop(columns="_merge")
 
     # A missing outcome row means no conversion and no revenue in the window.
-    frame["converted"] = frame["converted"].fillna(False).astype(bool)
-    frame["redeemed"] = frame["redeemed"].fillna(False).astype(bool)
+    for column in ("converted", "redeemed"):
+        frame[column] = frame[column].astype("boolean").fillna(False).astype(bool)
     frame["revenue_cents"] = frame["revenue_cents"].fillna(0).astype(np.int64)
     frame["discount_cents"] = frame["discount_cents"].fillna(0).astype(np.int64)
     frame["expected_cost_cents"] = frame["expected_cost_cents"].astype(np.int64)
@@ -526,6 +533,7 @@ def _uplift_summary(
         control_users=len(control),
         qini_coefficient=None,
         auuc=None,
+        uplift_at_k={},
         curve_fraction=[],
         curve_gain=[],
     )
@@ -533,21 +541,18 @@ def _uplift_summary(
         reason = "needs treated and control users, got " + (
             f"{len(offered)} and {len(control)}"
         )
-        empty.reasons.update(qini_coefficient=reason, auuc=reason, curve=reason)
-        return empty
-
-    try:
-        from couponflow import uplift
-    except ImportError as error:
-        # NOTE: couponflow.uplift provides the Qini metrics; until it is installed
-        # the result carries None with this reason instead of failing the analysis.
-        reason = f"couponflow.uplift is not available: {error}"
-        empty.reasons.update(qini_coefficient=reason, auuc=reason, curve=reason)
+        empty.reasons.update(
+            qini_coefficient=reason, auuc=reason, uplift_at_k=reason, curve=reason
+        )
         return empty
 
     score = users["score_uplift"].to_numpy(dtype=np.float64)
     outcome = users["converted"].to_numpy(dtype=np.float64)
-    fraction, gain = _curve_points(uplift.qini_curve(score, treated, outcome))
+    fraction, gain = _curve_points(*uplift.qini_curve(score, treated, outcome))
+    at_k = {
+        f"top_{round(100 * k)}_percent": uplift.uplift_at_k(score, treated, outcome, k)
+        for k in UPLIFT_AT_K
+    }
     return UpliftSummary(
         population=population,
         users=len(users),
@@ -557,18 +562,18 @@ def _uplift_summary(
             uplift.qini_coefficient(score, treated, outcome)
         ),
         auuc=finite_or_none(uplift.auuc(score, treated, outcome)),
+        uplift_at_k={key: value for key, value in at_k.items() if math.isfinite(value)},
         curve_fraction=fraction,
         curve_gain=gain,
     )
 
 
-def _curve_points(curve: Any) -> tuple[list[float], list[float]]:
-    """Return at most ``CURVE_POINTS`` finite (fraction, gain) points of a curve."""
-    x, y = (np.asarray(part, dtype=np.float64) for part in curve)
+def _curve_points(
+    x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]
+) -> tuple[list[float], list[float]]:
+    """Return at most ``CURVE_POINTS`` finite points of a curve, ends included."""
     if x.size == 0:
         return [], []
-    if x.max() > 1.0:
-        x = x / x.max()
     keep = np.unique(np.linspace(0, x.size - 1, min(CURVE_POINTS, x.size)).astype(int))
     points = [
         (float(a), float(b))

@@ -1,0 +1,1 @@
+"""Adapters that turn public data sets into couponflow's raw tables."""

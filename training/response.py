@@ -1,0 +1,590 @@
+"""XGBoost uplift response model: P(convert | user, offer) for every offer and none.
+
+An S-learner trained on a randomized past campaign. Offers enter as attributes, not
+ids, so that the model also scores coupons that were never sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import xgboost as xgb
+from sklearn.metrics import roc_auc_score
+
+from couponflow.schemas import ALL_CATEGORIES, CATEGORIES, CONTROL_ARM, COUPON_KINDS
+from couponflow.uplift import auuc, qini_coefficient, uplift_at_k
+
+log = logging.getLogger(__name__)
+
+# Numeric columns of the user feature frame that every model uses.
+USER_FEATURES: tuple[str, ...] = (
+    "recency_days",
+    "frequency_30d",
+    "spend_30d_cents",
+    "aov_cents",
+    "events_30d",
+    "sessions_30d",
+    "browse_seconds_30d",
+    "click_depth",
+    "cart_rate",
+    *(f"affinity_{category}" for category in CATEGORIES),
+    "peak_hour",
+    "hour_share_night",
+    "hour_share_morning",
+    "hour_share_afternoon",
+    "hour_share_evening",
+    "days_since_signup",
+)
+# Profile outputs, used when the training frame has them. The profile segment is left
+# out on purpose: KMeans renumbers its clusters on every profile run, so a segment id
+# means nothing to a model trained on another run's ids.
+OPTIONAL_USER_FEATURES: tuple[str, ...] = ("purchasing_power",)
+TOP_CATEGORY_COLUMN = "top_category"
+# Offer attributes after the treated flag and the one-hot kind columns; all are 0 for
+# no offer.
+OFFER_ATTRIBUTE_FEATURES: tuple[str, ...] = (
+    "offer_value",
+    "offer_min_spend_cents",
+    "offer_valid_days",
+    "offer_matches_top_category",
+    "offer_category_affinity",
+    "offer_discount_share_of_aov",
+    "offer_min_spend_over_aov",
+)
+OFFER_REQUIRED_COLUMNS: tuple[str, ...] = (
+    "coupon_id",
+    "kind",
+    "value",
+    "min_spend_cents",
+)
+
+DEFAULT_PARAMS: dict[str, Any] = {
+    "objective": "binary:logistic",
+    "eval_metric": "logloss",
+    "tree_method": "hist",
+    "max_depth": 4,
+    "eta": 0.08,
+    "subsample": 0.8,
+    "colsample_bytree": 0.8,
+    "min_child_weight": 5.0,
+    "lambda": 1.0,
+    "nthread": 2,
+}
+DEFAULT_NUM_BOOST_ROUND = 200
+SPEC_FORMAT_VERSION = 1
+# Top share of the holdout for the uplift@k metric of evaluate().
+UPLIFT_AT_K = 0.3
+# Rows of the (user, offer) design matrix scored per XGBoost call, to bound memory.
+_PREDICT_CHUNK_ROWS = 500_000
+
+
+def split_holdout(
+    user_ids: Iterable[str], fraction: float = 0.3, salt: str = "couponflow"
+) -> npt.NDArray[np.bool_]:
+    """Return a mask that is True for the users in the holdout.
+
+    A user is in the holdout when the BLAKE2b hash of ``salt`` and the user id, read
+    as a number in [0, 1), is below ``fraction``. The split depends only on the id
+    and the salt, so every training run and every champion comparison that uses the
+    same salt sees the same holdout users.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    ids = pd.Series(list(user_ids), dtype="object")
+    if ids.isna().any():
+        raise ValueError(
+            f"user_ids contains {int(ids.isna().sum())} missing ids; drop them first"
+        )
+    prefix = salt.encode() + b"\x1f"
+    positions = np.fromiter(
+        (
+            int.from_bytes(
+                hashlib.blake2b(prefix + str(uid).encode(), digest_size=8).digest(),
+                "big",
+            )
+            for uid in ids
+        ),
+        dtype=np.float64,
+        count=len(ids),
+    )
+    return np.asarray(positions / 2.0**64 < fraction, dtype=np.bool_)
+
+
+@dataclass
+class ResponseModel:
+    """A trained booster and the feature encoding that scores (user, offer) rows."""
+
+    booster: xgb.Booster
+    user_features: tuple[str, ...]
+    categories: tuple[str, ...] = CATEGORIES
+    offer_kinds: tuple[str, ...] = COUPON_KINDS
+    params: dict[str, Any] = field(default_factory=dict)
+    num_boost_round: int = DEFAULT_NUM_BOOST_ROUND
+    trained_arms: tuple[str, ...] = ()
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Columns of the design matrix, in the booster's order."""
+        return _feature_names(self.user_features, self.categories, self.offer_kinds)
+
+    def predict_conversion(
+        self, users: pd.DataFrame, offers: pd.DataFrame
+    ) -> npt.NDArray[np.float64]:
+        """Predict P(convert) of every user under no offer and under each offer.
+
+        Returns an array of shape ``(len(users), 1 + len(offers))``. Column 0 is no
+        offer, and column ``j`` is the offer in row ``j - 1`` of ``offers`` (a frame
+        in the COUPONS contract; stock, channels and dates are not used).
+        """
+        users = users.reset_index(drop=True)
+        offers = validate_offers(offers, self.offer_kinds, self.categories)
+        n_users = len(users)
+        n_columns = 1 + len(offers)
+        result = np.empty((n_users, n_columns), dtype=np.float64)
+        if n_users == 0:
+            return result
+
+        users_per_chunk = max(1, _PREDICT_CHUNK_ROWS // n_columns)
+        for start in range(0, n_users, users_per_chunk):
+            chunk = users.iloc[start : start + users_per_chunk].reset_index(drop=True)
+            repeated_users = pd.concat([chunk] * n_columns, ignore_index=True)
+            offer_rows = _offer_rows_for_every_column(offers, len(chunk))
+            design = self.design_matrix(repeated_users, offer_rows)
+            scores = self._predict_design(design)
+            result[start : start + len(chunk)] = scores.reshape(n_columns, -1).T
+        return result
+
+    def predict_assigned(
+        self, frame: pd.DataFrame, coupons: pd.DataFrame
+    ) -> npt.NDArray[np.float64]:
+        """Predict P(convert) of each row of ``frame`` under the arm in its column."""
+        coupons = validate_offers(coupons, self.offer_kinds, self.categories)
+        frame = frame.reset_index(drop=True)
+        offer_rows = _offer_rows_for_arms(frame, coupons)
+        return self._predict_design(self.design_matrix(frame, offer_rows))
+
+    def design_matrix(
+        self, users: pd.DataFrame, offer_rows: pd.DataFrame
+    ) -> pd.DataFrame:
+        """Build the booster's input: row i pairs user row i with offer row i.
+
+        ``offer_rows`` has the COUPONS columns, with a missing ``coupon_id`` for no
+        offer. Both frames must have a default RangeIndex of the same length.
+        """
+        missing = [
+            c for c in (*self.user_features, TOP_CATEGORY_COLUMN) if c not in users
+        ]
+        if missing:
+            raise ValueError(
+                f"user frame is missing columns {missing}, which the response model "
+                "was trained on; pass the user feature frame of the same feature run"
+            )
+        user_part = _user_feature_block(users, self.user_features, self.categories)
+        offer_part = _offer_feature_block(
+            users, offer_rows, self.categories, self.offer_kinds
+        )
+        design = pd.concat([user_part, offer_part], axis=1)
+        return design[self.feature_names]
+
+    def to_spec(self) -> dict[str, Any]:
+        """Return the feature encoding as JSON-ready data, for from_spec."""
+        return {
+            "format_version": SPEC_FORMAT_VERSION,
+            "user_features": list(self.user_features),
+            "categories": list(self.categories),
+            "offer_kinds": list(self.offer_kinds),
+            "feature_names": self.feature_names,
+            "control_arm": CONTROL_ARM,
+            "params": dict(self.params),
+            "num_boost_round": self.num_boost_round,
+            "trained_arms": list(self.trained_arms),
+        }
+
+    @classmethod
+    def from_spec(cls, booster: xgb.Booster, spec: Mapping[str, Any]) -> ResponseModel:
+        """Rebuild a model from its booster and the output of :meth:`to_spec`."""
+        version = spec.get("format_version")
+        if version != SPEC_FORMAT_VERSION:
+            raise ValueError(
+                f"response model spec has format_version {version!r}, this code reads "
+                f"{SPEC_FORMAT_VERSION}; retrain and register the model with this code"
+            )
+        if spec.get("control_arm") != CONTROL_ARM:
+            raise ValueError(
+                f"response model spec uses control arm {spec.get('control_arm')!r}, "
+                f"expected {CONTROL_ARM!r}; retrain the model"
+            )
+        model = cls(
+            booster=booster,
+            user_features=tuple(spec["user_features"]),
+            categories=tuple(spec["categories"]),
+            offer_kinds=tuple(spec["offer_kinds"]),
+            params=dict(spec.get("params", {})),
+            num_boost_round=int(spec.get("num_boost_round", 0)),
+            trained_arms=tuple(spec.get("trained_arms", ())),
+        )
+        stored_names = list(spec["feature_names"])
+        if model.feature_names != stored_names or booster.feature_names != stored_names:
+            raise ValueError(
+                "response model spec and booster disagree on the feature names "
+                f"(spec {stored_names}, booster {booster.feature_names}); the "
+                "artifacts do not belong together, so re-register the model"
+            )
+        return model
+
+    def _predict_design(self, design: pd.DataFrame) -> npt.NDArray[np.float64]:
+        matrix = xgb.DMatrix(
+            design.to_numpy(dtype=np.float64), feature_names=list(design.columns)
+        )
+        return np.asarray(self.booster.predict(matrix), dtype=np.float64)
+
+
+def train_response_model(
+    train_frame: pd.DataFrame,
+    coupons: pd.DataFrame,
+    seed: int = 0,
+    params: Mapping[str, Any] | None = None,
+) -> ResponseModel:
+    """Train the S-learner on a randomized campaign: one row per exposed user.
+
+    ``train_frame`` holds the user features and the columns ``arm`` (a coupon id of
+    ``coupons``, or "control") and ``converted``. Rows are weighted by the inverse of
+    the ``propensity`` column when it is present, so that a non-uniform random
+    assignment still gives unbiased effects. ``params`` override DEFAULT_PARAMS, and
+    its key ``num_boost_round`` sets the number of trees.
+    """
+    merged_params = {**DEFAULT_PARAMS, **dict(params or {})}
+    num_boost_round = int(merged_params.pop("num_boost_round", DEFAULT_NUM_BOOST_ROUND))
+    merged_params["seed"] = seed
+
+    coupons = validate_offers(coupons, COUPON_KINDS, CATEGORIES)
+    frame = train_frame.reset_index(drop=True)
+    _require_columns(frame, ("arm", "converted"), "train_frame")
+    user_features = USER_FEATURES + tuple(
+        c for c in OPTIONAL_USER_FEATURES if c in frame.columns
+    )
+    arms = frame["arm"].astype("string")
+    n_control = int((arms == CONTROL_ARM).sum())
+    if n_control == 0 or n_control == len(frame):
+        raise ValueError(
+            f"train_frame has {n_control} control rows out of {len(frame)}; the "
+            "response model learns offer effects against control, so it needs both "
+            "control and treated rows from a randomized campaign"
+        )
+
+    labels = _binary_labels(frame["converted"], "train_frame.converted")
+    weights = _inverse_propensity_weights(frame)
+    model = ResponseModel(
+        booster=xgb.Booster(),
+        user_features=user_features,
+        params=merged_params,
+        num_boost_round=num_boost_round,
+        trained_arms=tuple(sorted(arms.unique().tolist())),
+    )
+    offer_rows = _offer_rows_for_arms(frame, coupons)
+    design = model.design_matrix(frame, offer_rows)
+    matrix = xgb.DMatrix(
+        design.to_numpy(dtype=np.float64),
+        label=labels,
+        weight=weights,
+        feature_names=list(design.columns),
+    )
+    log.info(
+        "training response model on %d rows (%d control, %d arms, %d features)",
+        len(frame),
+        n_control,
+        len(model.trained_arms),
+        len(design.columns),
+    )
+    model.booster = xgb.train(merged_params, matrix, num_boost_round=num_boost_round)
+    return model
+
+
+def evaluate(
+    model: ResponseModel, holdout_frame: pd.DataFrame, coupons: pd.DataFrame
+) -> dict[str, float]:
+    """Score the model on a randomized holdout: conversion AUC and uplift metrics.
+
+    Overall keys: ``auc`` of P(convert | the arm each user got); ``qini``, ``auuc``
+    and ``uplift_at_30pct`` of the best-offer uplift (the maximum over ``coupons`` of
+    P(offer) - P(no offer)) against treated = arm != control; and row counts. For
+    each coupon that appears as an arm, ``auc/<id>`` on its rows, and ``qini/<id>``,
+    ``auuc/<id>`` of that offer's uplift on its rows and the control rows. AUC is NaN
+    where the rows contain a single class.
+    """
+    frame = holdout_frame.reset_index(drop=True)
+    _require_columns(frame, ("arm", "converted"), "holdout_frame")
+    coupons = validate_offers(coupons, model.offer_kinds, model.categories)
+    probabilities = model.predict_conversion(frame, coupons)
+    coupon_ids = coupons["coupon_id"].tolist()
+    column_of_arm = {CONTROL_ARM: 0} | {cid: j + 1 for j, cid in enumerate(coupon_ids)}
+    arms = frame["arm"].astype("string")
+    _check_known_arms(arms, column_of_arm, "holdout_frame")
+
+    converted = _binary_labels(frame["converted"], "holdout_frame.converted")
+    assigned_column = arms.map(column_of_arm).to_numpy(dtype=np.int64)
+    assigned = probabilities[np.arange(len(frame)), assigned_column]
+    treated = (arms != CONTROL_ARM).to_numpy(dtype=bool)
+    uplift = probabilities[:, 1:] - probabilities[:, [0]]
+    best_uplift = uplift.max(axis=1) if len(coupon_ids) else np.zeros(len(frame))
+
+    metrics: dict[str, float] = {
+        "n_rows": float(len(frame)),
+        "n_treated": float(treated.sum()),
+        "n_converted": float(converted.sum()),
+        "auc": _auc(converted, assigned),
+        "qini": qini_coefficient(best_uplift, treated, converted),
+        "auuc": auuc(best_uplift, treated, converted),
+        "uplift_at_30pct": uplift_at_k(best_uplift, treated, converted, UPLIFT_AT_K),
+    }
+    is_control = ~treated
+    for j, coupon_id in enumerate(coupon_ids):
+        got_offer = (arms == coupon_id).to_numpy(dtype=bool)
+        if not got_offer.any():
+            continue
+        key = metric_key(coupon_id)
+        rows = got_offer | is_control
+        metrics[f"auc/{key}"] = _auc(converted[got_offer], assigned[got_offer])
+        metrics[f"qini/{key}"] = qini_coefficient(
+            uplift[rows, j], got_offer[rows], converted[rows]
+        )
+        metrics[f"auuc/{key}"] = auuc(uplift[rows, j], got_offer[rows], converted[rows])
+        metrics[f"n_rows/{key}"] = float(got_offer.sum())
+    return metrics
+
+
+def validate_offers(
+    offers: pd.DataFrame,
+    offer_kinds: tuple[str, ...] = COUPON_KINDS,
+    categories: tuple[str, ...] = CATEGORIES,
+) -> pd.DataFrame:
+    """Return the offer columns the model reads, checked, with a default index.
+
+    Raises ValueError on a missing column, a duplicate or reserved coupon id, an
+    unknown kind or category, or a missing value or minimum spend.
+    """
+    _require_columns(offers, OFFER_REQUIRED_COLUMNS, "offers")
+    out = pd.DataFrame(
+        {
+            "coupon_id": offers["coupon_id"].astype("string"),
+            "kind": offers["kind"].astype("string"),
+            "value": _float_column(offers, "value"),
+            "min_spend_cents": _float_column(offers, "min_spend_cents"),
+            "category": (
+                offers["category"].astype("string")
+                if "category" in offers
+                else pd.Series(pd.NA, index=offers.index, dtype="string")
+            ),
+            "valid_days": (
+                _float_column(offers, "valid_days")
+                if "valid_days" in offers
+                else pd.Series(np.nan, index=offers.index)
+            ),
+        }
+    ).reset_index(drop=True)
+
+    duplicated = out["coupon_id"][out["coupon_id"].duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(f"offers has duplicate coupon_id values {duplicated[:5]}")
+    if out["coupon_id"].isna().any() or (out["coupon_id"] == CONTROL_ARM).any():
+        raise ValueError(
+            f"offers has a missing coupon_id or one equal to {CONTROL_ARM!r}, which "
+            "is reserved for no offer"
+        )
+    bad_kinds = sorted(set(out["kind"].dropna()) - set(offer_kinds))
+    if bad_kinds or out["kind"].isna().any():
+        raise ValueError(
+            f"offers has unknown or missing kinds {bad_kinds}; expected one of "
+            f"{list(offer_kinds)}"
+        )
+    known = set(categories) | {ALL_CATEGORIES}
+    bad_categories = sorted(set(out["category"].dropna()) - known)
+    if bad_categories:
+        raise ValueError(
+            f"offers has unknown categories {bad_categories}; expected one of "
+            f"{sorted(known)}, or empty for every category"
+        )
+    for column in ("value", "min_spend_cents"):
+        if out[column].isna().any():
+            raise ValueError(
+                f"offers.{column} has missing values; every offer needs one"
+            )
+    return out
+
+
+def metric_key(name: str) -> str:
+    """Return ``name`` with each character that MLflow metric keys reject as '_'."""
+    return re.sub(r"[^0-9A-Za-z_.\- ]", "_", str(name))
+
+
+def _feature_names(
+    user_features: tuple[str, ...],
+    categories: tuple[str, ...],
+    offer_kinds: tuple[str, ...],
+) -> list[str]:
+    return [
+        *user_features,
+        *(f"top_category_{category}" for category in categories),
+        "treated",
+        *(f"kind_{kind}" for kind in offer_kinds),
+        *OFFER_ATTRIBUTE_FEATURES,
+    ]
+
+
+def _user_feature_block(
+    users: pd.DataFrame, user_features: tuple[str, ...], categories: tuple[str, ...]
+) -> pd.DataFrame:
+    block = pd.DataFrame(
+        {name: _float_column(users, name) for name in user_features}, index=users.index
+    )
+    top = users[TOP_CATEGORY_COLUMN].astype("string")
+    for category in categories:
+        block[f"top_category_{category}"] = (
+            (top == category).fillna(False).astype(float)
+        )
+    return block
+
+
+def _offer_feature_block(
+    users: pd.DataFrame,
+    offer_rows: pd.DataFrame,
+    categories: tuple[str, ...],
+    offer_kinds: tuple[str, ...],
+) -> pd.DataFrame:
+    if len(users) != len(offer_rows):
+        raise ValueError(
+            f"design_matrix needs one offer row per user row, got {len(offer_rows)} "
+            f"offer rows for {len(users)} user rows"
+        )
+    treated = offer_rows["coupon_id"].notna().to_numpy()
+    kind = offer_rows["kind"].astype("string")
+    value = offer_rows["value"].to_numpy(dtype=np.float64, na_value=np.nan)
+    min_spend = offer_rows["min_spend_cents"].to_numpy(
+        dtype=np.float64, na_value=np.nan
+    )
+    valid_days = offer_rows["valid_days"].to_numpy(dtype=np.float64, na_value=np.nan)
+    category = offer_rows["category"].astype("string")
+    for_every_category = (category.isna() | (category == ALL_CATEGORIES)).to_numpy()
+
+    top = users[TOP_CATEGORY_COLUMN].astype("string")
+    matches_top = (category == top).fillna(False).to_numpy(dtype=bool)
+    matches_top = treated & (matches_top | for_every_category)
+
+    affinity_columns = [f"affinity_{c}" for c in categories]
+    affinities = np.column_stack([_float_column(users, c) for c in affinity_columns])
+    category_index = category.map({c: i for i, c in enumerate(categories)})
+    index = category_index.fillna(0).to_numpy(dtype=np.int64)
+    offer_affinity = affinities[np.arange(len(users)), index]
+    # An offer valid in every category applies to the whole basket.
+    offer_affinity = np.where(
+        for_every_category, affinities.sum(axis=1), offer_affinity
+    )
+
+    aov = _float_column(users, "aov_cents").to_numpy()
+    aov = np.where(aov > 0, aov, np.nan)
+    is_percent = (kind == "percent_off").fillna(False).to_numpy(dtype=bool)
+    discount_share = np.where(is_percent, value / 10_000.0, value / aov)
+
+    block = pd.DataFrame(index=users.index)
+    block["treated"] = treated.astype(float)
+    for offer_kind in offer_kinds:
+        block[f"kind_{offer_kind}"] = (kind == offer_kind).fillna(False).astype(float)
+    block["offer_value"] = np.where(treated, value, 0.0)
+    block["offer_min_spend_cents"] = np.where(treated, min_spend, 0.0)
+    block["offer_valid_days"] = np.where(treated, valid_days, 0.0)
+    block["offer_matches_top_category"] = matches_top.astype(float)
+    block["offer_category_affinity"] = np.where(treated, offer_affinity, 0.0)
+    block["offer_discount_share_of_aov"] = np.where(treated, discount_share, 0.0)
+    block["offer_min_spend_over_aov"] = np.where(treated, min_spend / aov, 0.0)
+    return block
+
+
+def _offer_rows_for_every_column(offers: pd.DataFrame, n_users: int) -> pd.DataFrame:
+    no_offer = pd.DataFrame(index=range(n_users), columns=offers.columns)
+    blocks = [no_offer.astype(offers.dtypes.to_dict())]
+    for j in range(len(offers)):
+        blocks.append(offers.iloc[[j] * n_users])
+    return pd.concat(blocks, ignore_index=True)
+
+
+def _offer_rows_for_arms(frame: pd.DataFrame, coupons: pd.DataFrame) -> pd.DataFrame:
+    arms = frame["arm"].astype("string")
+    column_of_arm = {CONTROL_ARM: 0} | {cid: 1 for cid in coupons["coupon_id"]}
+    _check_known_arms(arms, column_of_arm, "frame")
+    by_id = coupons.set_index("coupon_id")
+    rows = by_id.reindex(arms.where(arms != CONTROL_ARM).to_numpy())
+    rows = rows.reset_index(names="coupon_id")
+    # reindex leaves the id of unmatched (control) rows as NA, which means no offer.
+    return rows
+
+
+def _check_known_arms(
+    arms: pd.Series, column_of_arm: Mapping[str, int], frame_name: str
+) -> None:
+    if arms.isna().any():
+        raise ValueError(
+            f"{frame_name}.arm has {int(arms.isna().sum())} missing values; every "
+            f"exposure needs a coupon id or {CONTROL_ARM!r}"
+        )
+    unknown = sorted(set(arms.unique()) - set(column_of_arm))
+    if unknown:
+        raise ValueError(
+            f"{frame_name}.arm has coupon ids {unknown[:5]} that are not in the coupon "
+            "catalogue; pass the coupons of the campaign that produced the exposures"
+        )
+
+
+def _binary_labels(column: pd.Series, name: str) -> npt.NDArray[np.float64]:
+    if column.isna().any():
+        raise ValueError(f"{name} has {int(column.isna().sum())} missing values")
+    values = column.to_numpy(dtype=np.float64)
+    if not np.isin(values, (0.0, 1.0)).all():
+        raise ValueError(f"{name} must be boolean or 0/1")
+    return values
+
+
+def _inverse_propensity_weights(frame: pd.DataFrame) -> npt.NDArray[np.float64]:
+    if "propensity" not in frame.columns:
+        return np.ones(len(frame))
+    propensity = frame["propensity"].to_numpy(dtype=np.float64, na_value=np.nan)
+    invalid = ~((propensity > 0) & (propensity <= 1))
+    if invalid.any():
+        raise ValueError(
+            f"train_frame.propensity has {int(invalid.sum())} values outside (0, 1] "
+            "or missing; it must be the probability that the logging policy chose "
+            "the row's arm"
+        )
+    weights = 1.0 / propensity
+    return weights / weights.mean()
+
+
+def _auc(labels: npt.NDArray[np.float64], scores: npt.NDArray[np.float64]) -> float:
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def _float_column(frame: pd.DataFrame, name: str) -> pd.Series:
+    return pd.Series(
+        pd.to_numeric(frame[name], errors="raise").to_numpy(
+            dtype=np.float64, na_value=np.nan
+        ),
+        index=frame.index,
+        name=name,
+    )
+
+
+def _require_columns(
+    frame: pd.DataFrame, columns: Iterable[str], frame_name: str
+) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{frame_name} is missing columns {missing}")
