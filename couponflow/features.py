@@ -107,6 +107,7 @@ _FIRST_HOUR = _COUNT_NAMES.index(_HOUR_COUNTS[0])
 _SHORT_COUNTS = ["events", "purchases", "spend", "clicks", "views", "carts"]
 _LONG_COUNTS = ["purchases", "spend", *_CATEGORY_COUNTS, *_HOUR_COUNTS]
 _NANOS_PER_DAY = 86_400 * 10**9
+_NO_EVENT = np.iinfo("int64").min
 _KEYS = ["user_id", "as_of_index"]
 _PARTITION_DATE = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 
@@ -171,24 +172,26 @@ def _compute(settings: Settings, times: list[pd.Timestamp], client: Client) -> p
 
     events = _read_table(event_files, EVENTS, list(_EVENT_COLUMNS))
     users = _read_table(user_files, USERS, ["user_id", "signup_ts"])
-    window_meta = _window_sums(_empty_events(), times)
-    window_sums = events.map_partitions(_window_sums, times, meta=window_meta)
-    session_meta = _session_pairs(_empty_events(), times)
-    session_pairs = events.map_partitions(_session_pairs, times, meta=session_meta)
-
-    aggregations = {column: "sum" for column in [*_SHORT_SUMS, *_LONG_SUMS]}
-    aggregations["recency_days"] = "min"
-    # One output partition: the reduced tables have one row per (user, as-of), small
-    # enough for one worker, and a tree reduction needs no shuffle.
-    totals = window_sums.groupby(_KEYS).agg(aggregations, split_out=1)
-    sessions = (
-        session_pairs.drop_duplicates(split_out=1).groupby(_KEYS).size(split_out=1)
+    # Tree reductions of per-partition partial results: the reduced tables have one
+    # row per (user, as-of), small enough for one worker, and need no shuffle.
+    totals = events.reduction(
+        _window_sums,
+        aggregate=_combine_window_sums,
+        meta=_window_sums(_empty_events(), times),
+        chunk_kwargs={"times": times},
     )
-    totals_frame, sessions_series, users_frame = client.compute(
+    sessions = events.reduction(
+        _session_pairs,
+        combine=_combine_session_pairs,
+        aggregate=_count_sessions,
+        meta=_count_sessions(_session_pairs(_empty_events(), times)),
+        chunk_kwargs={"times": times},
+    )
+    totals_frame, sessions_frame, users_frame = client.compute(
         [totals, sessions, users], sync=True
     )
 
-    frame = _assemble(users_frame, totals_frame, sessions_series, times)
+    frame = _assemble(users_frame, totals_frame, sessions_frame, times)
     log.info(
         "computed %d user feature rows for %d as-of times in %.1f s",
         len(frame),
@@ -296,13 +299,14 @@ def _event_counts(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 def _window_sums(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
     """Sum one partition's events per (user, as-of index) over the feature windows.
 
-    Sums and the minimum recency combine across partitions, so the caller reduces
-    these partial results with a groupby.
+    Returns a row for each user with an event before the as-of time; sums add up
+    and the recency takes the minimum across partitions (_combine_window_sums).
     """
     part = part.dropna(subset=["user_id", "event_ts"])
     user_codes, user_ids = pd.factorize(part["user_id"])
     stamps = part["event_ts"].astype("int64").to_numpy()
     counts, dwell = _event_counts(part)
+    window_sums = _CachedWindowSums(counts, dwell, user_codes, len(user_ids))
     short_columns = [_COUNT_NAMES.index(name) for name in _SHORT_COUNTS]
     long_columns = [_COUNT_NAMES.index(name) for name in _LONG_COUNTS]
 
@@ -311,55 +315,84 @@ def _window_sums(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
         before = stamps < as_of.value
         if not before.any():
             continue
-        last_event = np.full(len(user_ids), np.iinfo("int64").min, dtype="int64")
+        last_event = np.full(len(user_ids), _NO_EVENT, dtype="int64")
         np.maximum.at(last_event, user_codes[before], stamps[before])
-        present = last_event > np.iinfo("int64").min
+        present = last_event > _NO_EVENT
 
         long_window = before & (stamps >= (as_of - LONG_WINDOW).value)
-        long_sums = _sum_by_code(counts, user_codes, long_window, len(user_ids))
+        long_sums, _ = window_sums.sums(long_window)
         short_window = long_window & (stamps >= (as_of - SHORT_WINDOW).value)
-        short_sums = _sum_by_code(counts, user_codes, short_window, len(user_ids))
-        short_dwell = np.zeros(len(user_ids), dtype="float64")
-        np.add.at(short_dwell, user_codes[short_window], dwell[short_window])
+        short_sums, short_dwell = window_sums.sums(short_window)
 
         piece = pd.DataFrame(
             short_sums[present][:, short_columns], columns=_SHORT_SUMS[:-1]
         )
         piece["dwell_30d"] = short_dwell[present]
-        long_frame = pd.DataFrame(
-            long_sums[present][:, long_columns], columns=_LONG_SUMS
-        )
+        long_frame = pd.DataFrame(long_sums[present][:, long_columns], columns=_LONG_SUMS)
         piece = pd.concat([piece, long_frame], axis=1)
         piece.insert(0, "user_id", user_ids[present])
         piece.insert(1, "as_of_index", index)
-        piece.insert(
-            2, "recency_days", (as_of.value - last_event[present]) / _NANOS_PER_DAY
-        )
+        recency = (as_of.value - last_event[present]) / _NANOS_PER_DAY
+        piece.insert(2, "recency_days", recency)
         pieces.append(piece)
 
-    columns = ["user_id", "as_of_index", "recency_days", *_SHORT_SUMS, *_LONG_SUMS]
     if not pieces:
-        return _typed_sums(pd.DataFrame(columns=columns))
-    return _typed_sums(pd.concat(pieces, ignore_index=True)[columns])
+        return _empty_window_sums()
+    return pd.concat(pieces, ignore_index=True)
 
 
-def _sum_by_code(
-    counts: np.ndarray, codes: np.ndarray, mask: np.ndarray, size: int
-) -> np.ndarray:
-    sums = np.zeros((size, counts.shape[1]), dtype="int64")
-    np.add.at(sums, codes[mask], counts[mask])
-    return sums
+class _CachedWindowSums:
+    """Per-user sums of the count matrix over a mask of events.
+
+    Most day partitions lie wholly inside a window, so the sums over all events are
+    computed once and reused.
+    """
+
+    def __init__(
+        self, counts: np.ndarray, dwell: np.ndarray, codes: np.ndarray, size: int
+    ) -> None:
+        self._counts = counts
+        self._dwell = dwell
+        self._codes = codes
+        self._size = size
+        self._all: tuple[np.ndarray, np.ndarray] | None = None
+
+    def sums(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if mask.all():
+            if self._all is None:
+                self._all = self._masked_sums(mask)
+            return self._all
+        return self._masked_sums(mask)
+
+    def _masked_sums(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        counts = np.zeros((self._size, self._counts.shape[1]), dtype="int64")
+        dwell = np.zeros(self._size, dtype="float64")
+        if mask.any():
+            np.add.at(counts, self._codes[mask], self._counts[mask])
+            np.add.at(dwell, self._codes[mask], self._dwell[mask])
+        return counts, dwell
 
 
-def _typed_sums(frame: pd.DataFrame) -> pd.DataFrame:
-    out = frame.copy()
-    out["user_id"] = out["user_id"].astype("string")
-    out["as_of_index"] = out["as_of_index"].astype("int64")
-    out["recency_days"] = out["recency_days"].astype("float64")
+def _combine_window_sums(frame: pd.DataFrame) -> pd.DataFrame:
+    """Reduce concatenated partial sums to one row per (user, as-of index)."""
+    if frame.empty:
+        return _empty_window_sums()
+    grouped = frame.groupby(_KEYS, sort=False, observed=True)
+    sums = grouped[[*_SHORT_SUMS, *_LONG_SUMS]].sum()
+    sums.insert(0, "recency_days", grouped["recency_days"].min())
+    return sums.reset_index()
+
+
+def _empty_window_sums() -> pd.DataFrame:
+    columns: dict[str, pd.Series] = {
+        "user_id": pd.Series(dtype="string"),
+        "as_of_index": pd.Series(dtype="int64"),
+        "recency_days": pd.Series(dtype="float64"),
+    }
     for column in [*_SHORT_SUMS, *_LONG_SUMS]:
         dtype = "float64" if column == "dwell_30d" else "int64"
-        out[column] = out[column].fillna(0).astype(dtype)
-    return out
+        columns[column] = pd.Series(dtype=dtype)
+    return pd.DataFrame(columns)
 
 
 def _session_pairs(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
@@ -375,26 +408,37 @@ def _session_pairs(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFram
         if in_window.any():
             distinct = pairs[in_window].drop_duplicates()
             pieces.append(distinct.assign(as_of_index=index))
-    columns = ["user_id", "as_of_index", "session_id"]
-    frame = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame()
-    frame = frame.reindex(columns=columns)
-    return frame.astype(
-        {"user_id": "string", "as_of_index": "int64", "session_id": "string"}
-    )
+    if not pieces:
+        return pd.DataFrame(
+            {
+                "user_id": pd.Series(dtype="string"),
+                "session_id": pd.Series(dtype="string"),
+                "as_of_index": pd.Series(dtype="int64"),
+            }
+        )
+    return pd.concat(pieces, ignore_index=True)
+
+
+def _combine_session_pairs(frame: pd.DataFrame) -> pd.DataFrame:
+    # A session that crosses midnight has events in two day partitions.
+    return frame.drop_duplicates(ignore_index=True)
+
+
+def _count_sessions(frame: pd.DataFrame) -> pd.DataFrame:
+    counts = _combine_session_pairs(frame).groupby(_KEYS, observed=True).size()
+    return counts.rename("sessions_30d").reset_index().astype({"sessions_30d": "int64"})
 
 
 def _assemble(
     users: pd.DataFrame,
     totals: pd.DataFrame,
-    sessions: pd.Series,
+    sessions: pd.DataFrame,
     times: list[pd.Timestamp],
 ) -> pd.DataFrame:
     """Join the reduced sums onto every (user, as-of) pair and derive the features."""
     grid = _user_grid(users, times)
-    totals = totals.reset_index() if isinstance(totals.index, pd.MultiIndex) else totals
     sums = grid.merge(totals, on=_KEYS, how="left")
-    sessions_frame = sessions.rename("sessions_30d").reset_index()
-    sums = sums.merge(sessions_frame, on=_KEYS, how="left")
+    sums = sums.merge(sessions, on=_KEYS, how="left")
     unmatched = len(totals) - int(totals.merge(grid[_KEYS], on=_KEYS).shape[0])
     if unmatched:
         log.info(

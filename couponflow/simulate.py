@@ -42,10 +42,9 @@ log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
-BoolArray = npt.NDArray[np.bool_]
 ProgressCallback = Callable[[str], None]
 
-DEFAULT_START = pd.Timestamp("2026-09-01T00:00:00Z")
+DEFAULT_START = pd.Timestamp("2026-09-01T00:00:00Z").as_unit("ns")
 PAST_CAMPAIGN_ID = "past-001"
 PAST_POLICY = "uniform"
 PAST_SEND_DAYS_BEFORE_END = 8
@@ -183,6 +182,8 @@ def simulate_world(
     response = _compute_response(latent, coupons)
     truth = _truth_frame(latent, response)
     report("past campaign")
+    # NOTE: the events are drawn without the past campaign, so purchases in its
+    # attribution window neither reflect the coupons sent nor match the outcomes.
     exposures = _draw_past_exposures(campaign_rng, latent, coupons, send_day)
     outcomes = _draw_outcomes(
         outcome_rng, latent, response, exposures, PAST_CAMPAIGN_ID
@@ -281,7 +282,8 @@ def respond(
     """Draw the outcomes of a new campaign from the true response.
 
     ``assignments`` has one row per user with columns user_id, arm (a coupon id or
-    "control"), channel and send_at. A bare latent frame uses the default catalogue.
+    "control"), channel and send_at. A bare latent frame uses the default catalogue
+    and skips the check of its validity dates.
     Returns a frame in the outcomes contract, in the order of ``assignments``.
     """
     if isinstance(world_or_latent, pd.DataFrame):
@@ -294,6 +296,7 @@ def respond(
         check_validity = True
     frame = _validated_assignments(assignments, latent, coupons, check_validity)
     response = _compute_response(latent, coupons)
+    # NOTE: coupon stock is not enforced, so every assigned coupon can be redeemed.
     # Mixing the campaign id into the seed keeps two campaigns drawn with the same
     # seed from sharing their random numbers.
     rng = np.random.default_rng([seed, zlib.crc32(campaign_id.encode())])
@@ -526,7 +529,7 @@ def _draw_events(
     event_ns = _event_times(session_start_ns, event_session, dwell, start, days)
     event_quantity = np.where(type_code >= 2, quantity[view_of_event], 1)
 
-    # Session ids follow the session start order; event ids follow the event order.
+    # Session ids follow the order of session starts, and event ids the event order.
     by_time = np.argsort(event_ns, kind="stable")
     session_rank = np.empty(n_sessions, dtype=np.int64)
     session_rank[np.argsort(session_start_ns, kind="stable")] = np.arange(n_sessions)
@@ -645,7 +648,7 @@ def _prefixed_ids(prefix: str, n: int) -> npt.NDArray[np.object_]:
 
 @dataclass(frozen=True)
 class _Response:
-    """Per-(user, arm) response arrays; arm 0 is control, then the coupons in order."""
+    """Per-(user, arm) response arrays. Arm 0 is control, then come the coupons."""
 
     arms: list[str]
     p_convert: FloatArray
@@ -714,7 +717,10 @@ def _check_catalogue(coupons: pd.DataFrame) -> None:
         set(coupons["kind"]) - {"amount_off", "percent_off", "free_shipping"}
     )
     if bad_kind:
-        raise ValueError(f"unknown coupon kinds {bad_kind}")
+        raise ValueError(
+            f"unknown coupon kinds {bad_kind}; use amount_off, percent_off or "
+            "free_shipping"
+        )
     # The response assumes an amount_off discount never exceeds the basket.
     amount = coupons[coupons["kind"] == "amount_off"]
     short = amount[amount["min_spend_cents"] < amount["value"]]
@@ -895,7 +901,10 @@ def _validated_assignments(
     frame["channel"] = frame["channel"].astype(str)
     send_at = pd.to_datetime(frame["send_at"])
     if send_at.dt.tz is None:
-        raise ValueError("assignments.send_at must be timezone-aware (UTC)")
+        raise ValueError(
+            "assignments.send_at must be timezone-aware (UTC), got naive "
+            f"{send_at.iloc[0] if len(send_at) else 'values'}"
+        )
     frame["send_at"] = send_at.dt.tz_convert("UTC")
 
     duplicated = frame.loc[frame["user_id"].duplicated(), "user_id"]
@@ -992,4 +1001,4 @@ def _as_utc(value: datetime) -> pd.Timestamp:
     stamp = pd.Timestamp(value)
     if stamp.tzinfo is None:
         raise ValueError(f"timestamp must be timezone-aware (UTC), got naive {value}")
-    return stamp.tz_convert("UTC")
+    return stamp.tz_convert("UTC").as_unit("ns")

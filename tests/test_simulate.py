@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,8 @@ from couponflow.simulate import (
 SMALL_USERS = 600
 SMALL_DAYS = 14
 LARGE_USERS = 20_000
-# Sampling-error checks allow this many standard errors, so a correct simulator fails
-# one of them with probability well under 1e-3.
+# Sampling-error checks allow this many standard errors. Under a normal approximation
+# one check fails a correct simulator with probability about 6e-5.
 MAX_STANDARD_ERRORS = 4.0
 
 
@@ -241,10 +243,9 @@ def test_past_outcomes_match_truth(large_world: World) -> None:
 def test_respond_matches_truth_per_arm(large_world: World) -> None:
     users = large_world.latent["user_id"]
     send_at = large_world.meta["end"]
+    channels = large_world.coupons.set_index("coupon_id")["channels"].str.split(",")
     for arm in [CONTROL_ARM, *large_world.coupons["coupon_id"]]:
-        channel = "email" if arm == CONTROL_ARM else "push"
-        if arm == "amt-1500-elec":
-            channel = "email"
+        channel = "email" if arm == CONTROL_ARM else channels[arm][0]
         assignments = pd.DataFrame(
             {"user_id": users, "arm": arm, "channel": channel, "send_at": send_at}
         )
@@ -310,6 +311,55 @@ def test_respond_on_persisted_world(tmp_path: Path) -> None:
     _assert_rates_match_truth(
         outcomes.assign(coupon_id=assignments["arm"].to_numpy()), loaded.truth
     )
+
+
+RESPOND_SCRIPT = """
+import sys
+from pathlib import Path
+import pandas as pd
+from couponflow.settings import Settings
+from couponflow.simulate import load_world_truth, respond
+settings = Settings(home=Path(sys.argv[1]))
+assignments = pd.read_parquet(sys.argv[2])
+truth = load_world_truth(settings)
+respond(truth, assignments, "camp-003", seed=9).to_parquet(sys.argv[3])
+"""
+
+
+def test_respond_in_new_process(tmp_path: Path, world: World) -> None:
+    settings = Settings(home=tmp_path / "home")
+    write_world(settings, world)
+    assignments = pd.DataFrame(
+        {
+            "user_id": world.users["user_id"],
+            "arm": "pct-10",
+            "channel": "email",
+            "send_at": world.meta["end"],
+        }
+    )
+    assignments_path = tmp_path / "assignments.parquet"
+    assignments.to_parquet(assignments_path)
+    result_path = tmp_path / "outcomes.parquet"
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RESPOND_SCRIPT,
+            str(settings.home),
+            str(assignments_path),
+            str(result_path),
+        ],
+        check=True,
+        timeout=120,
+    )
+    expected = respond(world, assignments, "camp-003", seed=9)
+    pd.testing.assert_frame_equal(pd.read_parquet(result_path), expected)
+
+
+def test_progress_reports_stages() -> None:
+    stages: list[str] = []
+    simulate_world(50, MIN_DAYS, seed=0, progress=stages.append)
+    assert stages == ["latent", "users", "events", "truth", "past campaign"]
 
 
 def test_respond_rejects_bad_assignments(world: World) -> None:

@@ -7,6 +7,7 @@ conversions and spend were tracked for two weeks afterwards.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
@@ -23,15 +24,15 @@ CAMPAIGN_ID = "hillstrom-2008"
 POLICY = "uniform"
 CHANNEL = "email"
 # The data gives no send date. The challenge was published on 2008-03-20, so a fixed
-# date shortly before it stands in for the send date.
-SEND_AT = pd.Timestamp("2008-03-01T00:00:00Z")
+# date shortly before it is used as the send date.
+SEND_AT = pd.Timestamp("2008-03-01T00:00:00Z").as_unit("ns")
 OUTCOME_WINDOW_DAYS = 14
 ARM_OF_SEGMENT = {
     "Mens E-Mail": "mens_email",
     "Womens E-Mail": "womens_email",
     "No E-Mail": CONTROL_ARM,
 }
-# The file spells the suburban area "Surburban"; the column names use the usual word.
+# The file spells the suburban area "Surburban", and the column names use "suburban".
 ZIP_CODE_AREAS = {"Urban": "urban", "Surburban": "suburban", "Rural": "rural"}
 PURCHASE_CHANNELS = {"Phone": "phone", "Web": "web", "Multichannel": "multichannel"}
 HISTORY_SEGMENTS = {
@@ -91,7 +92,7 @@ def load_hillstrom(
 
     User ids are the row numbers as decimal strings, starting at "0". Raises
     FileNotFoundError when the file is missing, and ValueError when a column is
-    missing or holds a value outside the published coding.
+    missing or contains a value outside the published coding.
     """
     if path is None:
         path = hillstrom_path(settings or get_settings())
@@ -125,7 +126,7 @@ def _check_columns(raw: pd.DataFrame, path: Path) -> None:
     empty = [c for c in COLUMNS if raw[c].isna().any()]
     if empty:
         raise ValueError(f"{path}: columns {empty} contain empty values")
-    coded = {
+    coded: dict[str, Mapping[str, str | int]] = {
         "segment": ARM_OF_SEGMENT,
         "zip_code": ZIP_CODE_AREAS,
         "channel": PURCHASE_CHANNELS,
