@@ -353,7 +353,7 @@ def solve_campaign(
         ),
         "budget_cents": budget_cents,
         "budget_used_fraction": solution.budget_used_fraction,
-        "expected_profit_cents": float(solution.total_profit),
+        "expected_profit_cents": float(solution.total_profit_cents),
     }
     log.info("allocation %s", summary)
     return summary

@@ -349,30 +349,30 @@ def _users_table(result: ExperimentResult) -> str:
 
 
 def _lift_figure(arms: list[ArmResult]) -> Figure | None:
-    shown = [arm for arm in arms if arm.conversion_rate_difference is not None]
-    if not shown:
+    plotted = [arm for arm in arms if arm.conversion_rate_difference is not None]
+    if not plotted:
         return None
-    figure, axes = _new_figure(len(shown))
-    for position, arm in enumerate(shown):
+    figure, axes = _new_figure(len(plotted))
+    for position, arm in enumerate(plotted):
         interval = arm.conversion_rate_difference
         assert interval is not None
         _draw_interval(axes, position, interval, scale=100.0)
-    axes.set_yticks(range(len(shown)), [arm.arm for arm in shown])
+    axes.set_yticks(range(len(plotted)), [arm.arm for arm in plotted])
     axes.set_xlabel("conversion rate difference vs holdout (percentage points)")
     axes.set_title("Conversion lift per arm with CI")
     return figure
 
 
 def _profit_figure(arms: list[ArmResult]) -> Figure | None:
-    shown = [arm for arm in arms if arm.incremental_profit_cents is not None]
-    if not shown:
+    plotted = [arm for arm in arms if arm.incremental_profit_cents is not None]
+    if not plotted:
         return None
-    figure, axes = _new_figure(len(shown))
-    for position, arm in enumerate(shown):
+    figure, axes = _new_figure(len(plotted))
+    for position, arm in enumerate(plotted):
         interval = arm.incremental_profit_cents
         assert interval is not None
         _draw_interval(axes, position, interval, scale=1.0)
-    axes.set_yticks(range(len(shown)), [arm.arm for arm in shown])
+    axes.set_yticks(range(len(plotted)), [arm.arm for arm in plotted])
     axes.set_xlabel("incremental profit (cents, total over the arm's users)")
     axes.set_title("Incremental profit per arm with CI")
     return figure
@@ -403,16 +403,19 @@ def _new_figure(rows: int) -> tuple[Figure, Any]:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     axes.axvline(0.0, color="grey", linewidth=1)
-    axes.invert_yaxis()
+    # First arm on top, with half a row of margin above and below.
+    axes.set_ylim(rows - 0.5, -0.5)
     figure.subplots_adjust(left=0.25)
     return figure, axes
 
 
 def _draw_interval(axes: Any, position: int, interval: Interval, scale: float) -> None:
     estimate = interval.estimate * scale
-    color = (
-        "#34a853" if interval.low > 0 else "#d93025" if interval.high < 0 else "#555"
-    )
+    color = "#555555"
+    if interval.low > 0:
+        color = "#34a853"
+    elif interval.high < 0:
+        color = "#d93025"
     axes.errorbar(
         [estimate],
         [position],

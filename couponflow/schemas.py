@@ -151,5 +151,5 @@ def coerce(frame: pd.DataFrame, schema: TableSchema) -> pd.DataFrame:
         if dtype == UTC_TS:
             out[column] = pd.to_datetime(out[column], utc=True)
         else:
-            out[column] = out[column].astype(dtype)
+            out[column] = out[column].astype(dtype)  # type: ignore[call-overload]
     return out

@@ -63,6 +63,9 @@ allocations = sa.Table(
     sa.Column("group_name", sa.String(20), nullable=False),
     # A coupon id, or "control" when the user gets nothing.
     sa.Column("arm", sa.String(100), nullable=False),
+    # The arm the policy chose before the holdout draw (the withheld coupon for a
+    # holdout user), so each arm is compared with holdout users like its own.
+    sa.Column("policy_arm", sa.String(100), nullable=False),
     sa.Column("channel", sa.String(20), nullable=True),
     sa.Column("send_at", sa.DateTime(timezone=True), nullable=True),
     # Probability that the policy gives this user this arm.

@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -65,7 +66,7 @@ def _random_instance(
     rng = np.random.default_rng(seed)
     profit = rng.normal(5.0, 30.0, (n_users, n_offers))
     cost = rng.uniform(1.0, 50.0, (n_users, n_offers))
-    # Between a tenth and most of what every profitable offer would cost.
+    # 10% to 80% of the summed cost of profitable pairs, divided by the offer count.
     share = rng.uniform(0.1, 0.8)
     budget = int(share * cost[profit > 0].sum() / n_offers)
     return profit, cost, budget
@@ -91,6 +92,7 @@ def _plan_frame(n_users: int, marker: int) -> pd.DataFrame:
             "user_id": pd.array([str(i) for i in range(n_users)], dtype="string"),
             "group_name": pd.array([TREATMENT] * n_users, dtype="string"),
             "arm": pd.array([f"coupon-v{marker}"] * n_users, dtype="string"),
+            "policy_arm": pd.array([f"coupon-v{marker}"] * n_users, dtype="string"),
             "channel": pd.array(["email"] * n_users, dtype="string"),
             "send_at": pd.Series([SEND_AT] * n_users, dtype="datetime64[ns, UTC]"),
             "propensity": np.full(n_users, 0.9),
@@ -182,6 +184,12 @@ class TestScoreOffers:
     def test_rejects_invalid_input(self, p, aov, message: str) -> None:
         with pytest.raises(ValueError, match=message):
             score_offers(p, aov, _offers(), margin_rate=0.3)
+
+    def test_scores_reject_mismatched_shapes(self) -> None:
+        with pytest.raises(ValueError, match="uplift has shape"):
+            _scores_for(np.ones((3, 2)), np.ones((3, 2)), np.ones((2, 2)))
+        with pytest.raises(ValueError, match="offer_ids"):
+            OfferScores(["a"], np.ones((3, 2)), np.ones((3, 2)), np.ones((3, 2)))
 
     def test_rejects_unknown_kind(self) -> None:
         offers = _offers().assign(kind=["percent_off", "bogus", "free_shipping"])
@@ -413,6 +421,22 @@ class TestAssignCampaign:
         assert plan["arm"].tolist() == ["coupon0"] * 3
         assert (plan["propensity"] == 1.0).all()
 
+    def test_channel_map_per_coupon(self) -> None:
+        profit = np.array([[4.0, 1.0], [1.0, 4.0], [-1.0, -1.0]])
+        cost = np.ones((3, 2))
+        scores = _scores_for(profit, cost, np.zeros((3, 2)))
+        solution = solve_budget(profit, cost, 10)
+        channels = {"coupon0": "sms", "coupon1": "push"}
+
+        plan = assign_campaign(
+            ["a", "b", "c"], solution, scores, 0.0, 0, SEND_AT, channels
+        )
+
+        assert plan["channel"].tolist()[:2] == ["sms", "push"]
+        assert plan["channel"].isna().tolist() == [False, False, True]
+        with pytest.raises(ValueError, match="no channel for coupons"):
+            assign_campaign(["a", "b", "c"], solution, scores, 0.0, 0, SEND_AT, {})
+
     def test_expected_cents_round_half_up(self) -> None:
         profit = np.array([[2.5], [-2.5], [3.49]])
         cost = np.array([[0.5], [1.5], [2.5]])
@@ -448,7 +472,7 @@ class TestAssignCampaign:
     )
     def test_rejects_invalid_input(self, changes: dict, message: str) -> None:
         profit = np.ones((3, 1))
-        arguments = {
+        arguments: dict[str, Any] = {
             "user_ids": ["a", "b", "c"],
             "solution": solve_budget(profit, profit, 3),
             "scores": _scores_for(profit, profit, np.zeros((3, 1))),
@@ -529,6 +553,8 @@ class TestStorage:
             )
         with pytest.raises(ValueError, match="JSON"):
             write_allocation(sqlite_engine, "d", plan, "m", 1, {"x": object()})
+        with pytest.raises(ValueError, match="channel"):
+            write_allocation(sqlite_engine, "d", plan.assign(channel="fax"), "m", 1, {})
         with pytest.raises(ValueError, match="budget_cents"):
             write_allocation(sqlite_engine, "d", plan, "m", -1, {})
         assert current_version(sqlite_engine, "d") is None
@@ -539,9 +565,21 @@ class TestStorage:
     def test_reader_never_sees_partial_postgres(self, postgres_engine: Engine) -> None:
         _assert_readers_see_whole_versions(postgres_engine)
 
+    def test_missing_channel_and_send_at_kept(self, sqlite_engine: Engine) -> None:
+        plan = _plan_frame(5, 1)
+        plan.loc[0, "channel"] = pd.NA
+        plan.loc[1, "send_at"] = pd.NaT
+
+        write_allocation(sqlite_engine, "e", plan, "m", 1, {})
+
+        stored = read_current_allocation(sqlite_engine, "e").drop(columns="version")
+        pd.testing.assert_frame_equal(stored, plan)
+
     def test_postgres_round_trip(self, postgres_engine: Engine) -> None:
         plan = _plan_frame(40, 3)
         plan.loc[0, "channel"] = pd.NA
+        plan.loc[1, "send_at"] = pd.NaT
+        plan.loc[2, "user_id"] = "NA"
 
         version = write_allocation(postgres_engine, "pg", plan, "m", 9, {"a": 1})
 

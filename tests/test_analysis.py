@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ from couponflow.analysis import (
 )
 from couponflow.analysis.experiment import SRM_WITHHELD
 from couponflow.settings import Settings
+
+# Changes an (allocation, outcomes) pair into an invalid one.
+FrameChange = Callable[[pd.DataFrame, pd.DataFrame], tuple[pd.DataFrame, pd.DataFrame]]
 
 SEED = 20240601
 MARGIN_RATE = 0.3
@@ -200,13 +204,15 @@ class TestAnalyzeExperiment:
         good = next(arm for arm in result.arms if arm.arm == "C10")
         per_user = good.incremental_profit_per_user_cents
         total = good.incremental_profit_cents
+        assert per_user is not None
+        assert total is not None
+        assert good.treated.conversion_rate is not None
+        assert good.control.conversion_rate is not None
 
         treated_profit = (
             MARGIN_RATE * REVENUE_CENTS - GOOD_ARM_DISCOUNT_CENTS
         ) * good.treated.conversion_rate
         control_profit = MARGIN_RATE * REVENUE_CENTS * good.control.conversion_rate
-        assert per_user is not None
-        assert total is not None
         assert per_user.estimate == pytest.approx(treated_profit - control_profit)
         assert total.estimate == pytest.approx(per_user.estimate * 2_000)
         assert total.low == pytest.approx(per_user.low * 2_000)
@@ -364,9 +370,16 @@ class TestAnalyzeExperiment:
                 ValueError,
                 "one campaign",
             ),
+            (
+                lambda a, o: (a.assign(campaign_id="c2"), o),
+                ValueError,
+                "do not match the allocation",
+            ),
         ],
     )
-    def test_invalid_input_raises(self, change, error, message) -> None:  # type: ignore[no-untyped-def]
+    def test_invalid_input_raises(
+        self, change: FrameChange, error: type[Exception], message: str
+    ) -> None:
         allocation, outcomes = make_experiment(users_per_arm=20)
         allocation, outcomes = change(allocation, outcomes)
         with pytest.raises(error, match=message):
@@ -501,10 +514,9 @@ class TestIpwHillstrom:
         # Stratified direct estimate on the same half, with the strata's shares.
         test_rates = test.groupby(["mens", "womens", "arm"])["visit"].mean()
         shares = test.groupby(["mens", "womens"]).size() / len(test)
-        direct = sum(
-            shares[stratum] * test_rates[(*stratum, arm)]
-            for stratum, arm in best.items()
-        )
+        direct = 0.0
+        for (mens, womens), arm in zip(best.index, best.to_numpy(), strict=True):
+            direct += shares.loc[(mens, womens)] * test_rates.loc[(mens, womens, arm)]
         assert value.stderr is not None
         assert abs(value.value - direct) < 2 * value.stderr
         assert lift.ci_low is not None

@@ -37,6 +37,7 @@ def make_result(
     arm = np.where(holdout, "control", policy_arm)
     good = arm == "C10"
     converted = rng.random(n) < np.where(good, 0.3, 0.1)
+
     user_id = [str(i) for i in range(n)]
     allocation = pd.DataFrame(
         {
@@ -50,6 +51,7 @@ def make_result(
             "expected_cost_cents": np.where(holdout, 0, 100),
         }
     )
+
     outcomes = pd.DataFrame(
         {
             "campaign_id": "spring",

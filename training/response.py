@@ -168,10 +168,15 @@ class ResponseModel:
         self, frame: pd.DataFrame, coupons: pd.DataFrame
     ) -> npt.NDArray[np.float64]:
         """Predict P(convert) of each row of ``frame`` under the arm in its column."""
+        return self._predict_design(self.assigned_design_matrix(frame, coupons))
+
+    def assigned_design_matrix(
+        self, frame: pd.DataFrame, coupons: pd.DataFrame
+    ) -> pd.DataFrame:
+        """Build the booster's input for each row of ``frame`` under its ``arm``."""
         coupons = validate_offers(coupons, self.offer_kinds, self.categories)
         frame = frame.reset_index(drop=True)
-        offer_rows = _offer_rows_for_arms(frame, coupons)
-        return self._predict_design(self.design_matrix(frame, offer_rows))
+        return self.design_matrix(frame, _offer_rows_for_arms(frame, coupons))
 
     def design_matrix(
         self, users: pd.DataFrame, offer_rows: pd.DataFrame
@@ -291,8 +296,7 @@ def train_response_model(
         num_boost_round=num_boost_round,
         trained_arms=tuple(sorted(arms.unique().tolist())),
     )
-    offer_rows = _offer_rows_for_arms(frame, coupons)
-    design = model.design_matrix(frame, offer_rows)
+    design = model.assigned_design_matrix(frame, coupons)
     matrix = xgb.DMatrix(
         design.to_numpy(dtype=np.float64),
         label=labels,
@@ -424,7 +428,7 @@ def validate_offers(
 
 def metric_key(name: str) -> str:
     """Return ``name`` with each character that MLflow metric keys reject as '_'."""
-    return re.sub(r"[^0-9A-Za-z_.\- ]", "_", str(name))
+    return re.sub(r"[^0-9A-Za-z_.\-/ ]", "_", str(name))
 
 
 def _feature_names(

@@ -1,6 +1,6 @@
 """Campaign allocation: score offers, choose one per user under a budget, store plans.
 
-The lead pipeline calls :func:`score_offers`, :func:`solve_budget`,
+A campaign run calls :func:`score_offers`, :func:`solve_budget`,
 :func:`assign_campaign` and :func:`write_allocation` in that order.
 """
 

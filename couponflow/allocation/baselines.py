@@ -39,7 +39,7 @@ def random_targeting(
     order = rng.permutation(n_users)
     offer = np.asarray(rng.integers(0, n_offers, size=n_users), dtype=np.int64)
     choice = _fill_in_order(order, offer, cost_matrix, budget)
-    return _finish(choice, profit_matrix, cost_matrix, budget, "random")
+    return _baseline_solution(choice, profit_matrix, cost_matrix, budget, "random")
 
 
 def likeliest_buyers(
@@ -76,13 +76,15 @@ def likeliest_buyers(
     order = np.lexsort((np.arange(n_users), -ranking))
     offer = profit_matrix.argmax(axis=1)
     choice = _fill_in_order(order, offer, cost_matrix, budget)
-    return _finish(choice, profit_matrix, cost_matrix, budget, f"likeliest_{rank_by}")
+    return _baseline_solution(
+        choice, profit_matrix, cost_matrix, budget, f"likeliest_{rank_by}"
+    )
 
 
 def oracle(
     true_profit: npt.ArrayLike, true_cost: npt.ArrayLike, budget_cents: int
 ) -> Solution:
-    """Solve the budget problem on the true effects, the best any policy can do."""
+    """Solve the budget problem on the true effects, the reference for every policy."""
     return solve_budget(true_profit, true_cost, budget_cents, policy="oracle")
 
 
@@ -99,14 +101,14 @@ def _fill_in_order(
     over = np.flatnonzero(np.cumsum(costs) > budget)
     n_served = int(over[0]) if over.size else order.size
     while n_served > 0 and math.fsum(costs[:n_served]) > budget:
-        # The running sum rounded under the budget; the exact total is over it.
+        # The running sum can round below the budget while the exact total is above.
         n_served -= 1
     served = order[:n_served]
     choice[served] = offer[served]
     return choice
 
 
-def _finish(
+def _baseline_solution(
     choice: Choice, profit: FloatMatrix, cost: FloatMatrix, budget: int, policy: str
 ) -> Solution:
     # These policies use no multiplier, so lam is NaN.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import numpy as np
@@ -24,6 +24,9 @@ PLAN_COLUMNS: dict[str, str] = {
     "user_id": "string",
     "group_name": "string",
     "arm": "string",
+    # The arm the policy chose before the holdout draw: equal to arm for treatment
+    # users, the withheld coupon (or control) for holdout users.
+    "policy_arm": "string",
     "channel": "string",
     "send_at": UTC_TS,
     "propensity": "float64",
@@ -40,7 +43,7 @@ def assign_campaign(
     holdout_fraction: float,
     seed: int,
     send_at: datetime | pd.Timestamp,
-    channel: str,
+    channel: str | Mapping[str, str],
 ) -> pd.DataFrame:
     """Build one plan row per user: group, arm, propensity and expected cents.
 
@@ -56,6 +59,10 @@ def assign_campaign(
     uplift of the policy's coupon for every user, holdout included (0 without one).
     ``expected_profit_cents`` and ``expected_cost_cents`` belong to the recorded
     arm, so they are 0 for control rows, rounded half up to whole cents.
+
+    ``channel`` is either one channel for every row, or a map from coupon id to
+    channel. With a map, each row gets the channel of the policy's coupon (holdout
+    rows included), and users whom the policy gives nothing get no channel.
     """
     ids = _validate_user_ids(user_ids, scores.n_users)
     if not 0.0 <= holdout_fraction < 1.0:
@@ -68,13 +75,14 @@ def assign_campaign(
             f"solution covers {solution.choice.shape[0]} users but scores cover "
             f"{scores.n_users}; solve on the same score matrices"
         )
-    if solution.choice.size and solution.choice.max() >= scores.n_offers:
+    if solution.choice.size and not (
+        NO_OFFER <= solution.choice.min() and solution.choice.max() < scores.n_offers
+    ):
         raise ValueError(
-            f"solution chooses offer column {solution.choice.max()} but scores have "
-            f"only {scores.n_offers} offers"
+            f"solution.choice must be -1 or an offer column below {scores.n_offers}, "
+            f"got values in [{solution.choice.min()}, {solution.choice.max()}]"
         )
-    if channel not in CHANNELS:
-        raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")
+    channels = _channel_per_column(channel, scores.offer_ids)
     send_at_utc = _validate_send_at(send_at)
 
     n_users = scores.n_users
@@ -92,9 +100,10 @@ def assign_campaign(
     profit[treated_users] = scores.profit_cents[treated_users, choice[treated_users]]
     cost[treated_users] = scores.cost_cents[treated_users, choice[treated_users]]
 
-    offer_ids = np.asarray(scores.offer_ids + (CONTROL_ARM,), dtype=object)
+    offer_ids = np.asarray([*scores.offer_ids, CONTROL_ARM], dtype=object)
     # Index -1 (no offer) lands on the trailing CONTROL_ARM entry.
     arm = offer_ids[np.where(treated, choice, NO_OFFER)]
+    channel_column = np.asarray(channels, dtype=object)[choice]
     propensity = np.ones(n_users)
     propensity[treated] = 1.0 - holdout_fraction
     propensity[offered & holdout] = holdout_fraction
@@ -104,8 +113,9 @@ def assign_campaign(
             "user_id": pd.array(ids, dtype="string"),
             "group_name": pd.array(np.where(holdout, HOLDOUT, TREATMENT), "string"),
             "arm": pd.array(arm, dtype="string"),
-            "channel": pd.array([channel] * n_users, dtype="string"),
-            "send_at": pd.Series([send_at_utc] * n_users, dtype=UTC_TS),
+            "policy_arm": pd.array(offer_ids[choice], dtype="string"),
+            "channel": pd.array(channel_column, dtype="string"),
+            "send_at": pd.DatetimeIndex([send_at_utc]).repeat(n_users).astype(UTC_TS),
             "propensity": propensity,
             "score_uplift": uplift,
             "expected_profit_cents": _round_half_up(profit),
@@ -125,6 +135,23 @@ def draw_holdout(n_users: int, holdout_fraction: float, seed: int) -> npt.NDArra
     """Return a boolean mask, each user in the holdout with ``holdout_fraction``."""
     rng = np.random.default_rng(seed)
     return np.asarray(rng.random(n_users) < holdout_fraction)
+
+
+def _channel_per_column(
+    channel: str | Mapping[str, str], offer_ids: Sequence[str]
+) -> list[str | None]:
+    """Return the channel of each offer column, then the channel of "no offer"."""
+    if isinstance(channel, str):
+        if channel not in CHANNELS:
+            raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")
+        return [channel] * (len(offer_ids) + 1)
+    missing = [c for c in offer_ids if c not in channel]
+    if missing:
+        raise ValueError(f"channel map has no channel for coupons {missing}")
+    invalid = {c: channel[c] for c in offer_ids if channel[c] not in CHANNELS}
+    if invalid:
+        raise ValueError(f"channel map values must be one of {CHANNELS}, got {invalid}")
+    return [channel[c] for c in offer_ids] + [None]
 
 
 def _round_half_up(cents: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,19 +24,42 @@ OFFER_COLUMNS: tuple[str, ...] = ("coupon_id", "kind", "value", "min_spend_cents
 
 @dataclass(frozen=True)
 class OfferScores:
-    """Per-user, per-offer scores; column ``j`` of each matrix is ``offer_ids[j]``.
+    """Per-user, per-offer scores, where column ``j`` of a matrix is ``offer_ids[j]``.
 
     ``profit_cents`` is the expected incremental profit, ``cost_cents`` the expected
     discount paid, ``uplift`` the predicted change in conversion probability and
-    ``discount_cents`` the discount if the user converts. Matrices are
-    ``(n_users, n_offers)``.
+    ``discount_cents`` the discount if the user converts (None when only the other
+    matrices were saved). Matrices are ``(n_users, n_offers)``, and a mismatch
+    raises ``ValueError`` at construction.
     """
 
-    offer_ids: tuple[str, ...]
+    offer_ids: Sequence[str]
     profit_cents: FloatMatrix
     cost_cents: FloatMatrix
     uplift: FloatMatrix
-    discount_cents: npt.NDArray[np.int64]
+    discount_cents: npt.NDArray[np.int64] | None = None
+
+    def __post_init__(self) -> None:
+        # Any sequence of ids (a list, a pandas column) is kept as an immutable tuple.
+        object.__setattr__(self, "offer_ids", tuple(str(c) for c in self.offer_ids))
+        shape = np.shape(self.profit_cents)
+        matrices: dict[str, npt.NDArray[Any]] = {
+            "cost_cents": self.cost_cents,
+            "uplift": self.uplift,
+        }
+        if self.discount_cents is not None:
+            matrices["discount_cents"] = self.discount_cents
+        for name, matrix in matrices.items():
+            if np.shape(matrix) != shape:
+                raise ValueError(
+                    f"{name} has shape {np.shape(matrix)} but profit_cents has "
+                    f"shape {shape}"
+                )
+        if len(shape) != 2 or shape[1] != len(self.offer_ids):
+            raise ValueError(
+                f"profit_cents must have shape (n_users, {len(self.offer_ids)}) for "
+                f"{len(self.offer_ids)} offer_ids, got {shape}"
+            )
 
     @property
     def n_users(self) -> int:
@@ -93,7 +117,7 @@ def score_offers(
         int((profit > 0).sum()),
     )
     return OfferScores(
-        offer_ids=tuple(str(c) for c in offers["coupon_id"]),
+        offer_ids=offers["coupon_id"].tolist(),
         profit_cents=profit,
         cost_cents=cost,
         uplift=uplift,
@@ -102,8 +126,8 @@ def score_offers(
 
 
 def _usable(offer: Any, basket: IntArray) -> npt.NDArray[np.bool_]:
-    # NOTE: min_spend_cents applies to amount_off only, as the pricing rules say;
-    # percent_off and free_shipping are usable on any basket.
+    # NOTE: only amount_off enforces min_spend_cents, so percent_off and
+    # free_shipping coupons with a minimum spend count as usable on any basket.
     if offer.kind == "amount_off":
         return np.asarray(basket >= int(offer.min_spend_cents))
     return np.ones(basket.shape, dtype=bool)
@@ -127,7 +151,9 @@ def _validate_probabilities(p: npt.ArrayLike) -> FloatMatrix:
             f"got shape {probabilities.shape}"
         )
     if not np.isfinite(probabilities).all():
-        raise ValueError("p contains NaN or infinite values; fix the model scores")
+        raise ValueError(
+            "p contains NaN or infinite values, so check the response model's output"
+        )
     if probabilities.min(initial=0.0) < 0.0 or probabilities.max(initial=0.0) > 1.0:
         raise ValueError(
             "p must contain probabilities in [0, 1], got values in "

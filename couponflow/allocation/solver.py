@@ -21,8 +21,8 @@ NO_OFFER = -1
 # Bisection stops when the bracket on the multiplier is this small relative to it.
 _LAMBDA_RTOL = 1e-12
 _MAX_BISECTIONS = 200
-# Each fill round adds the best-ratio moves that still fit; later rounds retry with
-# what is left. The cap bounds the run time on adversarial inputs.
+# Each fill round adds the best-ratio moves that still fit, and the next round retries
+# with what is left. The cap bounds the run time on adversarial inputs.
 _MAX_FILL_ROUNDS = 64
 
 
@@ -70,9 +70,9 @@ def solve_budget(
     is positive. Bisection finds the smallest ``lam`` whose total cost fits, and a
     greedy fill then spends what is left on the moves with the best profit per cent
     of cost, never going over the budget. Ties go to the lower offer index, then to
-    the lower user index, so the same input gives the same answer. A budget of 0
-    allocates nothing, even offers with zero expected cost, and ``lam`` is then
-    ``inf``.
+    the lower user index, so the same input always gives the same allocation. A
+    budget of 0 allocates nothing, even offers with zero expected cost, and ``lam``
+    is then ``inf``.
     """
     profit_matrix, cost_matrix = validate_matrices(profit, cost)
     budget = validate_budget(budget_cents)
@@ -92,8 +92,9 @@ def solve_budget(
 
     solution = make_solution(choice, profit_matrix, cost_matrix, budget, lam, policy)
     while solution.total_cost_cents > budget:
-        # The fast sums above may round below the budget when the exact total is a
-        # few ulps over it; drop the paid grant with the lowest profit per cent.
+        # The fast sums above can round below the budget while the exact total is a
+        # few ulps above it. Dropping the paid grant with the least profit per cent
+        # restores the limit.
         _drop_worst_grant(profit_matrix, cost_matrix, choice)
         solution = make_solution(
             choice, profit_matrix, cost_matrix, budget, lam, policy
@@ -239,7 +240,7 @@ def _pick_offers(
 def _lagrangian_choice(
     profit_t: FloatMatrix, cost_t: FloatMatrix, budget: int
 ) -> tuple[Choice, float]:
-    """Bisect for the smallest multiplier whose choice fits; return choice and lam.
+    """Bisect for the smallest multiplier whose choice fits, returning both.
 
     As lam grows, each user's chosen cost can only fall. A user who picks the same
     offer at both ends of the bracket picks it everywhere inside, so that user is

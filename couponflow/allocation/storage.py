@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,15 +13,13 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from couponflow.allocation.bulk import check_dialect, insert_plan_rows, read_rows
 from couponflow.allocation.campaign import HOLDOUT, PLAN_COLUMNS, TREATMENT
 from couponflow.allocation.solver import validate_budget
-from couponflow.schemas import UTC_TS
+from couponflow.schemas import CHANNELS, UTC_TS
 from couponflow.store import allocation_versions, allocations
 
 log = logging.getLogger(__name__)
-
-# Rows per executemany batch, or per COPY write on PostgreSQL.
-INSERT_CHUNK_ROWS = 50_000
 
 
 def write_allocation(
@@ -51,6 +48,7 @@ def write_allocation(
         ) from error
 
     with engine.begin() as connection:
+        check_dialect(connection)
         if connection.dialect.name == "postgresql":
             # Serializes writers of one campaign, so two cannot pick the same version.
             connection.execute(
@@ -60,7 +58,7 @@ def write_allocation(
         version = _insert_version_row(
             connection, campaign_id, model_uri, budget, params_json
         )
-        _insert_plan_rows(connection, campaign_id, version, plan)
+        insert_plan_rows(connection, campaign_id, version, plan)
         connection.execute(
             sa.update(allocation_versions)
             .where(allocation_versions.c.campaign_id == campaign_id)
@@ -73,31 +71,16 @@ def write_allocation(
 
 
 def read_current_allocation(engine: Engine, campaign_id: str) -> pd.DataFrame:
-    """Return the current version's plan rows sorted by user_id, with a version column.
+    """Return the current version's plan rows sorted by user_id, with its version.
 
     One SELECT joins the rows to the current version, so the result is a single
     consistent version even while a writer replaces it. Returns an empty frame
     when the campaign has no version.
     """
-    rows = allocations.alias("plan")
-    versions = allocation_versions.alias("versions")
-    statement = (
-        sa.select(*(rows.c[name] for name in PLAN_COLUMNS), rows.c.version)
-        .select_from(
-            rows.join(
-                versions,
-                sa.and_(
-                    rows.c.campaign_id == versions.c.campaign_id,
-                    rows.c.version == versions.c.version,
-                ),
-            )
-        )
-        .where(versions.c.campaign_id == campaign_id, versions.c.is_current)
-        .order_by(rows.c.user_id)
-    )
-    with engine.connect() as connection:
-        result = connection.execute(statement).all()
-    frame = pd.DataFrame(result, columns=[*PLAN_COLUMNS, "version"])
+    with engine.begin() as connection:
+        check_dialect(connection)
+        sqlite = connection.dialect.name == "sqlite"
+        frame = read_rows(connection, _current_rows_statement(campaign_id, sqlite))
     return _coerce_plan(frame).assign(version=frame["version"].astype("int64"))
 
 
@@ -151,61 +134,31 @@ def _insert_version_row(
     return int(connection.execute(statement).scalar_one())
 
 
-def _insert_plan_rows(
-    connection: Connection, campaign_id: str, version: int, plan: pd.DataFrame
-) -> None:
-    if (
-        connection.dialect.name == "postgresql"
-        and connection.dialect.driver == "psycopg"
-    ):
-        _copy_plan_rows(connection, campaign_id, version, plan)
-        return
-    insert = allocations.insert()
-    for records in _plan_records(campaign_id, version, plan):
-        connection.execute(insert, records)
-
-
-def _copy_plan_rows(
-    connection: Connection, campaign_id: str, version: int, plan: pd.DataFrame
-) -> None:
-    columns = ["campaign_id", "version", *PLAN_COLUMNS]
-    copy_sql = f"COPY allocations ({', '.join(columns)}) FROM STDIN (FORMAT csv)"
-    # The driver connection is the one SQLAlchemy runs this transaction on.
-    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy(copy_sql) as copy:
-        for start in range(0, len(plan), INSERT_CHUNK_ROWS):
-            chunk = plan.iloc[start : start + INSERT_CHUNK_ROWS]
-            chunk = chunk.assign(campaign_id=campaign_id, version=version)[columns]
-            buffer = io.StringIO()
-            # Missing values are written unquoted and empty, which CSV COPY reads as
-            # NULL. Empty strings cannot occur because user_id and arm are validated.
-            chunk.to_csv(buffer, header=False, index=False)
-            copy.write(buffer.getvalue())
-
-
-def _plan_records(
-    campaign_id: str, version: int, plan: pd.DataFrame
-) -> Iterator[list[dict[str, Any]]]:
-    names = list(PLAN_COLUMNS)
-    for start in range(0, len(plan), INSERT_CHUNK_ROWS):
-        chunk = plan.iloc[start : start + INSERT_CHUNK_ROWS]
-        columns = [_python_values(chunk[name]) for name in names]
-        yield [
-            {
-                "campaign_id": campaign_id,
-                "version": version,
-                **dict(zip(names, row, strict=True)),
-            }
-            for row in zip(*columns, strict=True)
-        ]
-
-
-def _python_values(column: pd.Series) -> list[Any]:
-    """Return the column as Python values with None for missing ones."""
-    if isinstance(column.dtype, pd.DatetimeTZDtype):
-        return [None if pd.isna(v) else v.to_pydatetime() for v in column]
-    values = column.astype(object).where(column.notna(), None)
-    return values.tolist()
+def _current_rows_statement(campaign_id: str, sqlite: bool) -> sa.Select:
+    rows = allocations.alias("plan")
+    versions = allocation_versions.alias("versions")
+    # Byte order of UTF-8 is code-point order: SQLite's BINARY collation, and "C"
+    # on PostgreSQL whatever the database's default collation.
+    user_order = rows.c.user_id if sqlite else rows.c.user_id.collate("C")
+    columns: list[Any] = [rows.c[name] for name in PLAN_COLUMNS]
+    if sqlite:
+        # pandas parses the whole column at once, much faster than row by row.
+        send_at = list(PLAN_COLUMNS).index("send_at")
+        columns[send_at] = sa.type_coerce(rows.c.send_at, sa.String).label("send_at")
+    return (
+        sa.select(*columns, rows.c.version)
+        .select_from(
+            rows.join(
+                versions,
+                sa.and_(
+                    rows.c.campaign_id == versions.c.campaign_id,
+                    rows.c.version == versions.c.version,
+                ),
+            )
+        )
+        .where(versions.c.campaign_id == campaign_id, versions.c.is_current)
+        .order_by(user_order)
+    )
 
 
 def _validate_plan(frame: pd.DataFrame) -> pd.DataFrame:
@@ -228,6 +181,10 @@ def _validate_plan(frame: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(
             f"group_name must be {HOLDOUT!r} or {TREATMENT!r}, got {groups}"
         )
+    channels = frame["channel"].dropna()
+    if not channels.isin(CHANNELS).all():
+        bad = sorted(set(channels) - set(CHANNELS))
+        raise ValueError(f"channel must be one of {CHANNELS} or missing, got {bad}")
     propensity = frame["propensity"]
     if ((propensity <= 0) | (propensity > 1)).any():
         raise ValueError("propensity must be in (0, 1] for every row")
@@ -238,8 +195,8 @@ def _coerce_plan(frame: pd.DataFrame) -> pd.DataFrame:
     plan = frame[list(PLAN_COLUMNS)].copy()
     for column, dtype in PLAN_COLUMNS.items():
         if dtype == UTC_TS:
-            # SQLite returns naive datetimes; every stored time is UTC.
-            plan[column] = pd.to_datetime(plan[column], utc=True)
+            # SQLite stores naive text, which is UTC because every stored time is.
+            plan[column] = pd.to_datetime(plan[column], utc=True, format="ISO8601")
         else:
             plan[column] = plan[column].astype(pd.api.types.pandas_dtype(dtype))
     return plan

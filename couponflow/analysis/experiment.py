@@ -184,9 +184,9 @@ def analyze_experiment(
     frame, notes, missing_outcomes, orphan_outcomes = _join_outcomes(
         allocation, outcomes
     )
-    frame["profit_cents"] = margin_rate * frame["revenue_cents"].astype(
-        np.float64
-    ) - frame["discount_cents"].astype(np.float64)
+    revenue = frame["revenue_cents"].astype(np.float64)
+    discount = frame["discount_cents"].astype(np.float64)
+    frame["profit_cents"] = margin_rate * revenue - discount
 
     holdout = frame[frame["group_name"] == HOLDOUT]
     treatment = frame[frame["group_name"] == TREATMENT]
@@ -198,14 +198,14 @@ def analyze_experiment(
     if has_policy_arm:
         notes.append(
             "Each arm's control is the holdout users whose policy choice was that arm, "
-            "so treated and control users are alike; an arm without such holdout "
-            "users falls back to the whole holdout."
+            "so treated and control users are alike. An arm without such holdout "
+            "users is compared with the whole holdout."
         )
     else:
         notes.append(
             f"The allocation has no {POLICY_ARM_COLUMN} column, so every arm is "
-            "compared with the whole holdout; the difference then mixes the coupon's "
-            "effect with how the policy's picks differ from the average user."
+            "compared with the whole holdout. The difference then mixes the coupon's "
+            "effect with how the users the policy picked differ from the average."
         )
 
     arms = [
@@ -353,12 +353,7 @@ def _join_outcomes(
 
     right = outcomes.copy()
     right["user_id"] = right["user_id"].astype(str)
-    if "campaign_id" in right.columns and right["campaign_id"].nunique() > 1:
-        raise ValueError(
-            "outcomes frame holds campaigns "
-            f"{sorted(right['campaign_id'].astype(str).unique())[:5]}; pass the "
-            "outcomes of one campaign"
-        )
+    _validate_campaigns(allocation, right)
     duplicated = right["user_id"][right["user_id"].duplicated()]
     if not duplicated.empty:
         raise ValueError(
@@ -388,8 +383,8 @@ def _join_outcomes(
     frame["discount_cents"] = frame["discount_cents"].fillna(0).astype(np.int64)
     frame["expected_cost_cents"] = frame["expected_cost_cents"].astype(np.int64)
     notes.append(
-        f"{without_outcome} of {len(frame)} allocated users have no outcome row; they "
-        "count as not converted, not redeemed, with 0 revenue and 0 discount."
+        f"{without_outcome} of {len(frame)} allocated users have no outcome row, so "
+        "they count as not converted, not redeemed, with 0 revenue and 0 discount."
     )
     if orphans:
         notes.append(
@@ -397,6 +392,24 @@ def _join_outcomes(
             "ignored."
         )
     return frame, notes, without_outcome, orphans
+
+
+def _validate_campaigns(allocation: pd.DataFrame, outcomes: pd.DataFrame) -> None:
+    if "campaign_id" not in outcomes.columns:
+        return
+    campaigns = sorted(outcomes["campaign_id"].astype(str).unique())
+    if len(campaigns) > 1:
+        raise ValueError(
+            f"outcomes frame contains several campaigns {campaigns[:5]}; pass the "
+            "outcomes of one campaign"
+        )
+    if "campaign_id" in allocation.columns and campaigns:
+        allocated = sorted(allocation["campaign_id"].astype(str).unique())
+        if allocated != campaigns:
+            raise ValueError(
+                f"outcomes of campaign {campaigns[0]!r} do not match the allocation "
+                f"of campaign(s) {allocated[:5]}; pass both frames of one campaign"
+            )
 
 
 def _validate_allocation(allocation: pd.DataFrame) -> None:
@@ -509,7 +522,7 @@ def _uplift_summary(
 ) -> UpliftSummary:
     """Score ``score_uplift`` on offered treatment users against the holdout.
 
-    Treatment users without an offer are left out because nobody treated them. With
+    Treatment users without an offer are left out because they received nothing. With
     ``policy_arm`` the holdout is limited to users the policy would have given an
     offer, so both sides come from the same randomized population.
     """

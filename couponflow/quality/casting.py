@@ -16,6 +16,7 @@ from couponflow.schemas import UTC_TS
 # Largest magnitude that an int64 holds; float values beyond it are not castable.
 _INT64_LIMIT = float(2**63)
 _BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
+_UTC_DTYPE = pd.DatetimeTZDtype(unit="ns", tz="UTC")
 
 
 def cast_column(values: pd.Series, dtype: str) -> pd.Series:
@@ -58,7 +59,7 @@ def _to_string(values: pd.Series) -> pd.Series:
     if pd.api.types.is_integer_dtype(values.dtype):
         return values.astype("string")
     if values.dtype != object:
-        # Floats, timestamps and other typed columns are no ids or labels.
+        # Floats, timestamps and other typed columns are not ids or labels.
         return pd.Series(pd.NA, index=values.index, dtype="string")
 
     def convert(value: object) -> object:
@@ -94,10 +95,10 @@ def _scalar_number(value: object) -> object:
 
 
 def _to_int(values: pd.Series) -> pd.Series:
-    numbers_ = _to_number(values)
-    if pd.api.types.is_integer_dtype(numbers_.dtype):
-        return numbers_.astype("Int64")
-    floats = numbers_.astype("float64")
+    numeric = _to_number(values)
+    if pd.api.types.is_integer_dtype(numeric.dtype):
+        return numeric.astype("Int64")
+    floats = numeric.astype("float64")
     whole = np.isfinite(floats) & (floats == np.floor(floats))
     whole &= floats.abs() < _INT64_LIMIT
     return floats.where(whole).astype("Int64")
@@ -125,14 +126,13 @@ def _to_bool(values: pd.Series) -> pd.Series:
 
 def _to_utc(values: pd.Series) -> pd.Series:
     if isinstance(values.dtype, pd.DatetimeTZDtype):
-        return values.dt.tz_convert("UTC").astype(UTC_TS)
+        return values.dt.tz_convert("UTC").astype(_UTC_DTYPE)
     if pd.api.types.is_datetime64_dtype(values.dtype):
-        return values.dt.tz_localize("UTC").astype(UTC_TS)
+        return values.dt.tz_localize("UTC").astype(_UTC_DTYPE)
     if values.dtype != object and not isinstance(values.dtype, pd.StringDtype):
         # Epoch numbers are ambiguous (seconds or milliseconds), so they are rejected.
-        return pd.Series(pd.NaT, index=values.index, dtype=UTC_TS)
+        return pd.Series(pd.NaT, index=values.index, dtype=_UTC_DTYPE)
     if values.dtype == object:
         values = values.mask(values.map(lambda v: isinstance(v, numbers.Number)))
-    return pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601").astype(
-        UTC_TS
-    )
+    parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+    return parsed.astype(_UTC_DTYPE)

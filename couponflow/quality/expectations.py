@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import pandas as pd
 from great_expectations.core.suite_parameters import SuiteParameterDict
@@ -23,8 +23,8 @@ from couponflow.quality.casting import cast_column
 
 log = logging.getLogger(__name__)
 
-# Joins the parts of a compound table key into one string; the unit separator never
-# occurs in the ids this project writes.
+# Joins the parts of a compound table key into one string. NOTE: two keys collide
+# only if an id contains this ASCII unit separator, which no check rejects.
 KEY_SEPARATOR = "\x1f"
 
 
@@ -39,7 +39,7 @@ def key_strings(frame: pd.DataFrame, key_columns: list[str]) -> pd.Series:
 
 
 class ColumnValuesCastableToDtype(ColumnMapMetricProvider):
-    """Metric: the value can be cast to the contract dtype without loss."""
+    """Map metric: true where the value casts to the contract dtype without loss."""
 
     condition_metric_name = "column_values.castable_to_dtype"
     condition_value_keys = ("dtype",)
@@ -60,7 +60,7 @@ class ExpectColumnValuesToBeCastableToDtype(ColumnMapExpectation):
 
 
 class ColumnValuesFirstOccurrence(ColumnMapMetricProvider):
-    """Metric: no earlier row of the batch has the same value."""
+    """Map metric: true where no earlier row of the batch has the same value."""
 
     condition_metric_name = "column_values.first_occurrence"
 
@@ -81,7 +81,7 @@ class ExpectColumnValuesToBeFirstOccurrence(ColumnMapExpectation):
 
 
 class ColumnValuesAbsentFromLake(ColumnMapMetricProvider):
-    """Metric: the key is in no offline-store file of another batch."""
+    """Map metric: true where no offline-store file of another batch has the key."""
 
     condition_metric_name = "column_values.absent_from_lake"
     condition_value_keys = ("table_dir", "key_columns", "exclude_batch_id")
@@ -108,9 +108,9 @@ class ExpectColumnValuesToBeAbsentFromLake(ColumnMapExpectation):
     not compared with its own earlier rows.
     """
 
-    table_dir: Union[str, SuiteParameterDict]
+    table_dir: str | SuiteParameterDict
     key_columns: list[str]
-    exclude_batch_id: Union[str, SuiteParameterDict]
+    exclude_batch_id: str | SuiteParameterDict
 
     map_metric = "column_values.absent_from_lake"
     success_keys = ("table_dir", "key_columns", "exclude_batch_id", "mostly")
@@ -132,8 +132,8 @@ def _keys_in_lake(
     for path in files:
         stored = pd.read_parquet(path, columns=key_columns)
         keys = key_strings(stored, key_columns)
-        # Hash the batch's keys, not the whole history: the history grows with every
-        # batch, the batch does not.
+        # isin hashes the batch's keys rather than the history, because the history
+        # grows with every batch.
         found.update(keys[keys.isin(batch_keys)].dropna().tolist())
     # NOTE: every call reads the key columns of every earlier file of the table, so the
     # cost grows linearly with the table's history.
