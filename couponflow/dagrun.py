@@ -8,6 +8,7 @@ so :func:`couponflow.airflow_env.prepare_airflow` must run before the first impo
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from couponflow.airflow_env import DAGS_FOLDER, prepare_airflow
@@ -38,6 +39,7 @@ def run_dag(settings: Settings, dag_id: str, conf: dict[str, Any] | None = None)
     Raises :class:`DagRunFailed` naming the failed tasks when the run does not succeed.
     """
     global _prepared_home
+    os.environ.setdefault("COUPONFLOW_TASK_RETRIES", "0")
     if _prepared_home != str(settings.home):
         prepare_airflow(settings)
         _prepared_home = str(settings.home)

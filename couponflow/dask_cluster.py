@@ -28,7 +28,7 @@ def dask_client(settings: Settings) -> Iterator[Client]:
             n_workers=1,
             threads_per_worker=max(1, settings.dask_workers),
             processes=False,
-            dashboard_address=None,
+            dashboard_address=":0",
         ) as cluster,
         Client(cluster) as client,
     ):

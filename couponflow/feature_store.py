@@ -202,9 +202,9 @@ def training_frame(
 
     started = time.perf_counter()
     # The Dask offline store of Feast 0.67 keeps one row per (user_id,
-    # event_timestamp), and drops an entity row when every row of a view lies
-    # outside its ttl window. So distinct pairs are sent, one view at a time, and
-    # the features are joined back onto every entity row by the pair.
+    # event_timestamp). It also drops an entity row when none of the user's rows of
+    # some view lies within that view's ttl before the timestamp. So distinct pairs
+    # are sent, one view at a time, and joined back onto every entity row.
     keys = entities[list(ENTITY_COLUMNS)].drop_duplicates(ignore_index=True)
     row_column = f"__row_{uuid.uuid4().hex}"
     joined = entities.assign(**{row_column: range(len(entities))})
@@ -245,9 +245,9 @@ def online_features(
 ) -> pd.DataFrame:
     """Read the response model's features of ``user_ids`` from the online store.
 
-    Returns one row per requested id, in order, with ``user_id`` and every feature
-    of the service in the service's order; a user the online store does not hold
-    gets null features. Integer features come back as nullable ``Int64``.
+    Returns one row per requested id, in request order, with ``user_id`` and the
+    service's features in the service's order. A user the online store does not
+    contain gets null features. Integer features come back as nullable ``Int64``.
     """
     store = get_store(settings, project)
     service = store.get_feature_service(FEATURE_SERVICE)
@@ -335,8 +335,8 @@ def _registry_config(registry: str) -> dict[str, Any]:
         path = Path(registry).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{path}"
-    # A short cache, so that a long-lived reader such as the serving API sees a
-    # new `feast apply` from another process within a minute.
+    # A short cache, so that a long-lived reader such as the serving API picks up a
+    # `feast apply` of another process within a minute.
     return {"registry_type": "sql", "path": url, "cache_ttl_seconds": 60}
 
 

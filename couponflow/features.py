@@ -45,10 +45,10 @@ DAY_PARTS: dict[str, tuple[int, int]] = {
     "evening": (18, 24),
 }
 
-# Output columns and their pandas dtypes, in order. Windows: frequency, spend,
-# events, sessions, browse seconds, click depth and cart rate cover 30 days; aov,
-# affinity, top category, peak hour and hour shares cover 90 days; recency looks
-# back up to RECENCY_SENTINEL_DAYS.
+# Output columns and their pandas dtypes, in order. Frequency, spend, events,
+# sessions, browse seconds, click depth and cart rate cover 30 days. AOV, affinity,
+# top category, peak hour and hour shares cover 90 days. Recency looks back up to
+# RECENCY_SENTINEL_DAYS.
 FEATURE_COLUMNS: dict[str, str] = {
     "user_id": "string",
     "event_timestamp": UTC_TS,
@@ -120,10 +120,11 @@ def compute_user_features(
 ) -> pd.DataFrame:
     """Compute one feature row per (user, as-of time) from the lake's events and users.
 
-    Only events strictly before an as-of time count for it, and only users who signed
-    up strictly before it get a row; users without events get zeros. Uses ``client``,
-    or a client from :func:`couponflow.dask_cluster.dask_client` when it is None.
-    Raises ``ValueError`` when ``as_of`` is empty or holds a timezone-naive time.
+    Only events strictly before an as-of time count for it. Every user who signed
+    up strictly before it gets a row, with zeros when the user has no events. Runs
+    on ``client``, or on a client of :func:`couponflow.dask_cluster.dask_client`
+    when it is None. Raises ``ValueError`` when ``as_of`` is empty or contains a
+    timezone-naive time.
     """
     times = _normalize_as_of(as_of)
     if client is None:
@@ -136,7 +137,8 @@ def write_user_features(settings: Settings, frame: pd.DataFrame) -> Path:
     """Replace the feature folder's user_features.parquet by ``frame``, atomically.
 
     Writes a temporary file next to the target and renames it over the target, so a
-    reader (the Feast offline store) sees the old table or the new one, never a part.
+    reader (the Feast offline store) reads the old table or the new one, never a
+    part of either.
     Raises ``ValueError`` naming the columns of :data:`FEATURE_COLUMNS` that are
     missing.
     """
@@ -360,7 +362,8 @@ def _window_sums(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
         short_sums, short_dwell = window_sums.sums(short_window)
 
         piece = pd.DataFrame(
-            short_sums[present][:, short_columns], columns=_SHORT_SUMS[:-1]
+            short_sums[present][:, short_columns],
+            columns=[f"{name}_30d" for name in _SHORT_COUNTS],
         )
         piece["dwell_30d"] = short_dwell[present]
         long_frame = pd.DataFrame(
@@ -381,8 +384,8 @@ def _window_sums(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
 class _CachedWindowSums:
     """Per-user sums of the count matrix over a mask of events.
 
-    Most day partitions lie wholly inside a window, so the sums over all events are
-    computed once and reused.
+    A partition often lies wholly inside a window, so the sums over all of its events
+    are computed once and reused.
     """
 
     def __init__(

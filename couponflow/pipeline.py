@@ -174,11 +174,16 @@ def train_profiles(epochs: int) -> dict[str, Any]:
     result = train_profile_model(
         events, users, as_of=as_of, settings=settings, epochs=epochs, seed=7
     )
-    run_id = log_profile_model(result, settings)
+    registration = log_profile_model(result, settings)
     from couponflow.feature_store import materialize
 
     materialize(settings, as_of + timedelta(seconds=1))
-    return {"run_id": run_id, "users": len(result.profiles), **_floats(result.metrics)}
+    return {
+        **asdict(registration),
+        "users": len(result.profiles),
+        "device": result.device,
+        **_floats(result.metrics),
+    }
 
 
 def randomized_training_rows(settings: Settings) -> pd.DataFrame:
@@ -272,9 +277,8 @@ def score_campaign(campaign_id: str, offers: list[str]) -> dict[str, Any]:
     coupons = active_offers(lake.read_lake_table(settings, "coupons"), offers, as_of)
 
     p = model.predict_conversion(users, coupons)
-    scores = score_offers(
-        p, users["aov_cents"].to_numpy("int64"), coupons, settings.margin_rate
-    )
+    basket = expected_basket_cents(users["aov_cents"])
+    scores = score_offers(p, basket, coupons, settings.margin_rate)
     folder.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         folder / "scores.npz",
@@ -293,6 +297,19 @@ def score_campaign(campaign_id: str, offers: list[str]) -> dict[str, Any]:
         "model_uri": getattr(model, "model_uri", "champion"),
         "folder": str(folder),
     }
+
+
+def expected_basket_cents(aov_cents: pd.Series) -> np.ndarray:
+    """Return each user's expected order value in cents, for discount and margin.
+
+    A user with no purchase in the feature window has aov 0; their basket is taken as
+    the median order value of the users who did buy, since a conversion of theirs
+    is still an order of ordinary size.
+    """
+    aov = aov_cents.fillna(0).to_numpy("int64")
+    bought = aov[aov > 0]
+    fallback = int(np.median(bought)) if bought.size else 0
+    return np.where(aov > 0, aov, fallback).astype("int64")
 
 
 def solve_campaign(
@@ -468,7 +485,12 @@ def _design_holdout_fraction(
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    """Return the finite numbers of ``metrics`` (XComs are JSON, which has no NaN)."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and np.isfinite(v)
+    }
 
 
 def _jsonable(value: Any) -> Any:

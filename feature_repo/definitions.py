@@ -17,8 +17,9 @@ from couponflow.settings import Settings, get_settings
 
 PROFILES_FILE = "user_profiles.parquet"
 
-# Feature snapshots are computed daily, so an online value older than 30 days
-# means the feature pipeline stopped; it is served as missing rather than stale.
+# Training retrieval joins no snapshot older than the ttl before an entity row, so
+# a stalled feature pipeline gives missing features rather than stale ones. The
+# online store of Feast 0.67 returns values of any age.
 USER_FEATURES_TTL = timedelta(days=30)
 # NOTE: 90 days assumes the profile model is retrained at least once a quarter.
 USER_PROFILE_TTL = timedelta(days=90)

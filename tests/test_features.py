@@ -132,6 +132,7 @@ def _reference_row(
     else:
         age = (stamp - before["event_ts"].max()).total_seconds() / 86_400
         recency = min(age, RECENCY_SENTINEL_DAYS)
+
     short_buys = short[short["event_type"] == "purchase"]
     long_buys = long[long["event_type"] == "purchase"]
     long_spend = int((long_buys["price_cents"] * long_buys["quantity"]).sum())
@@ -139,6 +140,7 @@ def _reference_row(
     views = int((short["event_type"] == "view").sum())
     known = long[long["category"].isin(CATEGORIES)]
     hours = long["event_ts"].dt.hour
+
     row: dict[str, object] = {
         "recency_days": recency,
         "frequency_30d": len(short_buys),
@@ -159,6 +161,7 @@ def _reference_row(
         if views
         else 0.0,
     }
+
     for category in CATEGORIES:
         share = (known["category"] == category).sum() / len(known) if len(known) else 0
         row[f"affinity_{category}"] = float(share)
@@ -168,6 +171,7 @@ def _reference_row(
         row["top_category"] = tied[0]
     else:
         row["top_category"] = "none"
+
     if len(long):
         per_hour = hours.value_counts()
         row["peak_hour"] = min(

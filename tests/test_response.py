@@ -35,8 +35,8 @@ N_USERS = 8000
 DATA_SEED = 11
 # nthread=1: on a few thousand rows, thread synchronization costs more than it saves.
 TEST_PARAMS = {"nthread": 1}
-# The oracle (true) uplift reaches a Qini of about 0.02 on this holdout, and random
-# scores have a standard deviation of about 0.005.
+# Measured on this data: the true uplift reaches a Qini of 0.016 on the holdout and the
+# trained model 0.014, while random scores have a standard deviation of 0.004.
 MIN_QINI_OVER_RANDOM = 0.008
 RANDOM_SCORE_DRAWS = 20
 ROUND_TRIP_TOLERANCE = 1e-6
@@ -224,6 +224,24 @@ def test_predict_conversion_scores_unsent_coupon(
     assert np.isfinite(probabilities).all()
 
 
+def test_design_matrix_zeroes_control_offer(
+    model: ResponseModel, campaign: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    _, holdout = campaign
+    frame = holdout.head(40)
+    design = model.assigned_design_matrix(frame, make_coupons())
+    is_control = (frame["arm"] == CONTROL_ARM).to_numpy()
+    assert is_control.any()
+    assert not is_control.all()
+    offer_columns = [c for c in design.columns if c == "treated" or "offer" in c]
+    offer_columns += [c for c in design.columns if c.startswith("kind_")]
+    assert (design.loc[is_control, offer_columns] == 0).all().all()
+    assert (design.loc[~is_control, "treated"] == 1).all()
+    percent_rows = (frame["arm"] == "PCT15").to_numpy()
+    assert percent_rows.any()
+    assert (design.loc[percent_rows, "offer_discount_share_of_aov"] == 0.15).all()
+
+
 def test_model_qini_beats_random(
     model: ResponseModel, campaign: tuple[pd.DataFrame, pd.DataFrame]
 ) -> None:
@@ -283,6 +301,21 @@ def test_training_rejects_unknown_kind(
         train_response_model(train, coupons, params=TEST_PARAMS)
 
 
+def test_repeated_catalogue_rows_are_merged(
+    model: ResponseModel, campaign: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    _, holdout = campaign
+    coupons = make_coupons()
+    repeated = pd.concat([coupons, coupons.head(1)], ignore_index=True)
+    expected = evaluate(model, holdout, coupons)
+    assert evaluate(model, holdout, repeated) == expected
+
+    conflicting = repeated.copy()
+    conflicting.loc[len(conflicting) - 1, "value"] = 1
+    with pytest.raises(ValueError, match="duplicate coupon_id values"):
+        evaluate(model, holdout, conflicting)
+
+
 def test_first_registration_becomes_champion(
     settings: Settings, registrations: tuple[RegistrationResult, RegistrationResult]
 ) -> None:
@@ -329,6 +362,7 @@ def test_load_champion_round_trips(
     del registrations
     _, holdout = campaign
     loaded = load_champion(settings)
+    assert loaded.model_uri == f"models:/{settings.response_model_name}/1"
     assert loaded.feature_names == model.feature_names
     expected = model.predict_conversion(holdout, make_coupons())
     actual = loaded.predict_conversion(holdout, make_coupons())

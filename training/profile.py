@@ -45,16 +45,16 @@ EVENT_TYPE_CHANNEL, CATEGORY_CHANNEL, PRICE_CHANNEL, HOUR_CHANNEL, AGE_CHANNEL =
     5
 )
 N_CHANNELS = 5
-# Event-type tokens: 1 marks a user without events, so that no row is fully masked
-# (cuDNN's GRU rejects fully masked rows); then EVENT_TYPES; the last one is any other
-# type.
+# Event-type tokens: 1 marks a user without events, so that such a user gets a learned
+# input step instead of a fully masked row. EVENT_TYPES follow from 2, and the last
+# token is any other type.
 NO_HISTORY_TOKEN = 1
 _EVENT_TYPE_TOKENS = {name: i + 2 for i, name in enumerate(EVENT_TYPES)}
 _OTHER_EVENT_TOKEN = len(EVENT_TYPES) + 2
 # Category tokens: 1 is a missing or unknown category, then CATEGORIES.
 _CATEGORY_TOKENS = {name: i + 2 for i, name in enumerate(CATEGORIES)}
-# Price tokens: 1 is a missing or zero price; token 2 + i is for prices of at least
-# the i-th edge (none for prices below the first edge), in cents.
+# Price tokens: 1 is a missing or zero price. A positive price gets 2 + the number of
+# edges (in cents) that it reaches, so prices below the first edge get 2.
 PRICE_EDGES_CENTS: tuple[int, ...] = (500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000)
 # Age tokens: 1 + the number of edges that the event's age (before the reference
 # time) reaches, in days.
@@ -118,9 +118,8 @@ def train_profile_model(
     ``as_of - target_window``. The targets come from the window itself: whether the
     user purchased, log1p of the purchase spend in currency units, and the category
     mix of the window's events. The profiles then encode the last events before
-    ``as_of``. ``users`` only needs a ``user_id`` column. ``settings`` is not read
-    yet; it is part of the signature so that callers need not change when training
-    reads configuration.
+    ``as_of``. ``users`` only needs a ``user_id`` column. ``settings`` is not read,
+    because training touches no store; log_profile_model takes the locations.
     """
     del settings
     as_of_utc = _as_utc_timestamp(as_of)
@@ -315,7 +314,7 @@ def encode_sequences(
     kept = recent.groupby("user_id", sort=False)["event_ts"].transform("size")
     rank_from_end = from_end[from_end < sequence_length].to_numpy()
     position = kept.to_numpy() - 1 - rank_from_end
-    row = user_ids.get_indexer(recent["user_id"])
+    row = user_ids.get_indexer(pd.Index(recent["user_id"]))
 
     event_type = recent["event_type"].astype("string").map(_EVENT_TYPE_TOKENS)
     tokens[row, position, EVENT_TYPE_CHANNEL] = event_type.fillna(
@@ -405,7 +404,7 @@ def _window_targets(
     window: pd.DataFrame, user_ids: pd.Index
 ) -> dict[str, npt.NDArray[np.float32]]:
     n_users = len(user_ids)
-    row = user_ids.get_indexer(window["user_id"])
+    row = user_ids.get_indexer(pd.Index(window["user_id"]))
     is_purchase = (window["event_type"].astype("string") == "purchase").fillna(False)
     purchase_rows = row[is_purchase.to_numpy(dtype=bool)]
     purchased = np.zeros(n_users, dtype=np.float32)
@@ -455,7 +454,7 @@ def _profiles_frame(
     n_users = len(user_ids)
     return pd.DataFrame(
         {
-            "user_id": pd.array(user_ids, dtype="string"),
+            "user_id": pd.Series(user_ids, dtype="string").array,
             "event_timestamp": pd.Series(
                 [as_of] * n_users, dtype="datetime64[ns, UTC]"
             ),
@@ -476,7 +475,7 @@ def _embeddings_frame(
     frame = pd.DataFrame(
         embedding, columns=[f"emb_{i}" for i in range(embedding.shape[1])]
     )
-    frame.insert(0, "user_id", pd.array(user_ids, dtype="string"))
+    frame.insert(0, "user_id", pd.Series(user_ids, dtype="string").array)
     return frame
 
 
@@ -517,14 +516,14 @@ def _events_before(
 def _category_tokens(events: pd.DataFrame) -> npt.NDArray[np.int32]:
     if "category" not in events.columns:
         return np.ones(len(events), dtype=np.int32)
-    tokens = events["category"].astype("string").map(_CATEGORY_TOKENS)
-    return tokens.fillna(1).to_numpy(dtype=np.int32)
+    tokens = events["category"].astype("string").map(_CATEGORY_TOKENS).fillna(1)
+    return np.asarray(tokens.to_numpy(), dtype=np.int32)
 
 
 def _price_tokens(events: pd.DataFrame) -> npt.NDArray[np.int32]:
     price = _numeric(events, "price_cents", 0.0)
     tokens = 2 + np.searchsorted(PRICE_EDGES_CENTS, price, side="right")
-    return np.where(price > 0, tokens, 1).astype(np.int32)
+    return np.asarray(np.where(price > 0, tokens, 1), dtype=np.int32)
 
 
 def _numeric(

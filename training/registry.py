@@ -148,13 +148,14 @@ def load_champion(settings: Settings) -> ResponseModel:
 def load_response_model(model_uri: str) -> ResponseModel:
     """Rebuild a ResponseModel from a logged or registered model URI.
 
-    Uses the tracking and registry URIs that are set, so call it inside
-    :func:`mlflow_tracking`.
+    ``model_uri`` is stored on the result; load_champion passes the version URI
+    (models:/<name>/<version>). Reads the tracking and registry URIs that are set, so
+    call it inside :func:`mlflow_tracking`.
     """
     booster = mlflow.xgboost.load_model(model_uri)
     if not isinstance(booster, xgb.Booster):
         raise TypeError(
-            f"{model_uri} holds a {type(booster).__name__}, expected an xgboost "
+            f"{model_uri} loads as a {type(booster).__name__}, expected an xgboost "
             "Booster logged by log_and_register"
         )
     metadata = mlflow.models.get_model_info(model_uri).metadata or {}
@@ -163,7 +164,9 @@ def load_response_model(model_uri: str) -> ResponseModel:
             f"{model_uri} has no {SPEC_METADATA_KEY!r} entry in its MLmodel metadata, "
             "so its feature encoding is unknown; register it with log_and_register"
         )
-    return ResponseModel.from_spec(booster, metadata[SPEC_METADATA_KEY])
+    model = ResponseModel.from_spec(booster, metadata[SPEC_METADATA_KEY])
+    model.model_uri = model_uri
+    return model
 
 
 @contextmanager

@@ -96,7 +96,7 @@ def split_holdout(
     A user is in the holdout when the BLAKE2b hash of ``salt`` and the user id, read
     as a number in [0, 1), is below ``fraction``. The split depends only on the id
     and the salt, so every training run and every champion comparison that uses the
-    same salt sees the same holdout users.
+    same salt gets the same holdout users.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
@@ -131,6 +131,8 @@ class ResponseModel:
     params: dict[str, Any] = field(default_factory=dict)
     num_boost_round: int = DEFAULT_NUM_BOOST_ROUND
     trained_arms: tuple[str, ...] = ()
+    # Registered version URI (models:/<name>/<version>) when loaded from MLflow.
+    model_uri: str | None = None
 
     @property
     def feature_names(self) -> list[str]:
@@ -143,8 +145,8 @@ class ResponseModel:
         """Predict P(convert) of every user under no offer and under each offer.
 
         Returns an array of shape ``(len(users), 1 + len(offers))``. Column 0 is no
-        offer, and column ``j`` is the offer in row ``j - 1`` of ``offers`` (a frame
-        in the COUPONS contract; stock, channels and dates are not used).
+        offer, and column ``j`` is the offer in row ``j - 1`` of ``offers``. Offers
+        follow the COUPONS contract, but stock, channels and dates are not used.
         """
         users = users.reset_index(drop=True)
         offers = validate_offers(offers, self.offer_kinds, self.categories)
@@ -174,7 +176,9 @@ class ResponseModel:
         self, frame: pd.DataFrame, coupons: pd.DataFrame
     ) -> pd.DataFrame:
         """Build the booster's input for each row of ``frame`` under its ``arm``."""
-        coupons = validate_offers(coupons, self.offer_kinds, self.categories)
+        coupons = validate_offers(
+            coupons, self.offer_kinds, self.categories, drop_repeated=True
+        )
         frame = frame.reset_index(drop=True)
         return self.design_matrix(frame, _offer_rows_for_arms(frame, coupons))
 
@@ -262,7 +266,7 @@ def train_response_model(
 ) -> ResponseModel:
     """Train the S-learner on a randomized campaign: one row per exposed user.
 
-    ``train_frame`` holds the user features and the columns ``arm`` (a coupon id of
+    ``train_frame`` contains the user features and the columns ``arm`` (a coupon id of
     ``coupons``, or "control") and ``converted``. Rows are weighted by the inverse of
     the ``propensity`` column when it is present, so that a non-uniform random
     assignment still gives unbiased effects. ``params`` override DEFAULT_PARAMS, and
@@ -272,7 +276,7 @@ def train_response_model(
     num_boost_round = int(merged_params.pop("num_boost_round", DEFAULT_NUM_BOOST_ROUND))
     merged_params["seed"] = seed
 
-    coupons = validate_offers(coupons, COUPON_KINDS, CATEGORIES)
+    coupons = validate_offers(coupons, COUPON_KINDS, CATEGORIES, drop_repeated=True)
     frame = train_frame.reset_index(drop=True)
     _require_columns(frame, ("arm", "converted"), "train_frame")
     user_features = USER_FEATURES + tuple(
@@ -328,7 +332,9 @@ def evaluate(
     """
     frame = holdout_frame.reset_index(drop=True)
     _require_columns(frame, ("arm", "converted"), "holdout_frame")
-    coupons = validate_offers(coupons, model.offer_kinds, model.categories)
+    coupons = validate_offers(
+        coupons, model.offer_kinds, model.categories, drop_repeated=True
+    )
     probabilities = model.predict_conversion(frame, coupons)
     coupon_ids = coupons["coupon_id"].tolist()
     column_of_arm = {CONTROL_ARM: 0} | {cid: j + 1 for j, cid in enumerate(coupon_ids)}
@@ -371,11 +377,15 @@ def validate_offers(
     offers: pd.DataFrame,
     offer_kinds: tuple[str, ...] = COUPON_KINDS,
     categories: tuple[str, ...] = CATEGORIES,
+    *,
+    drop_repeated: bool = False,
 ) -> pd.DataFrame:
     """Return the offer columns the model reads, checked, with a default index.
 
-    Raises ValueError on a missing column, a duplicate or reserved coupon id, an
-    unknown kind or category, or a missing value or minimum spend.
+    With ``drop_repeated``, rows that repeat another row's columns exactly are
+    dropped first, because the offline store can hold one coupon from several
+    ingested batches. Raises ValueError on a missing column, a duplicate or reserved
+    coupon id, an unknown kind or category, or a missing value or minimum spend.
     """
     _require_columns(offers, OFFER_REQUIRED_COLUMNS, "offers")
     out = pd.DataFrame(
@@ -396,10 +406,15 @@ def validate_offers(
             ),
         }
     ).reset_index(drop=True)
+    if drop_repeated:
+        out = out.drop_duplicates(ignore_index=True)
 
     duplicated = out["coupon_id"][out["coupon_id"].duplicated()].unique().tolist()
     if duplicated:
-        raise ValueError(f"offers has duplicate coupon_id values {duplicated[:5]}")
+        raise ValueError(
+            f"offers has duplicate coupon_id values {duplicated[:5]} with different "
+            "attributes; keep one row per coupon"
+        )
     if out["coupon_id"].isna().any() or (out["coupon_id"] == CONTROL_ARM).any():
         raise ValueError(
             f"offers has a missing coupon_id or one equal to {CONTROL_ARM!r}, which "

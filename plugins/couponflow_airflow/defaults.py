@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pendulum
@@ -10,7 +11,9 @@ START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
 
 DEFAULT_ARGS = {
     "owner": "couponflow",
-    "retries": 1,
+    # The demo and the tests set COUPONFLOW_TASK_RETRIES=0, so that a failure
+    # surfaces at once instead of after the retry delay.
+    "retries": int(os.environ.get("COUPONFLOW_TASK_RETRIES", "1")),
     "retry_delay": timedelta(minutes=1),
 }
 
