@@ -137,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(study.format())
         elif args.command == "serve":
             import uvicorn
+
             from serving.app import create_app
 
             uvicorn.run(create_app(settings), host=args.host, port=args.port)

@@ -1,4 +1,4 @@
-"""Run a couponflow DAG in this process with ``dag.test()``: a real DAG run, no scheduler.
+"""Run a couponflow DAG in this process with ``dag.test()``: a real run, no scheduler.
 
 Used by the demo and the end-to-end tests. Airflow reads its configuration at import,
 so :func:`couponflow.airflow_env.prepare_airflow` must run before the first import of
@@ -60,7 +60,8 @@ def run_dag(settings: Settings, dag_id: str, conf: dict[str, Any] | None = None)
         failed = [
             ti.task_id
             for ti in dag_run.get_task_instances()
-            if str(getattr(ti.state, "value", ti.state)) in ("failed", "upstream_failed")
+            if str(getattr(ti.state, "value", ti.state))
+            in ("failed", "upstream_failed")
         ]
         raise DagRunFailed(dag_id, state, failed)
     log.info("DAG %s finished: %s", dag_id, state)

@@ -132,7 +132,7 @@ def run_demo(
 
 
 def demo_budget(settings: Settings) -> int:
-    """Return DEMO_BUDGET_SHARE of the oracle's unconstrained expected spend, in cents."""
+    """Return DEMO_BUDGET_SHARE of the oracle's unconstrained spend, in cents."""
     from couponflow.simulate import load_world_truth
 
     profit, cost = _true_matrices(settings, load_world_truth(settings), None)

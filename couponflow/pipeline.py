@@ -42,7 +42,7 @@ def campaign_dir(settings: Settings, campaign_id: str) -> Path:
 
 
 def campaign_id_or_default(campaign_id: str, run_id: str | None) -> str:
-    """Return ``campaign_id``, or one derived from the Airflow run id when it is empty."""
+    """Return ``campaign_id``, or one derived from the Airflow run id if empty."""
     if campaign_id:
         return campaign_id
     stamp = re.sub(r"[^0-9]", "", run_id or "")[:12] or datetime.now(UTC).strftime(
@@ -214,7 +214,7 @@ def randomized_training_rows(settings: Settings) -> pd.DataFrame:
 
 
 def train_response(seed: int) -> dict[str, Any]:
-    """Train the uplift response model on randomized campaigns; register it in MLflow."""
+    """Train the uplift model on randomized campaigns and register it in MLflow."""
     from couponflow.feature_store import training_frame
     from training.registry import log_and_register
     from training.response import evaluate, split_holdout, train_response_model
@@ -379,7 +379,7 @@ def solve_campaign(
 def _default_channels(coupons: pd.DataFrame) -> dict[str, str]:
     """Return each coupon's first listed channel."""
     return {
-        row.coupon_id: str(row.channels).split(",")[0].strip() or "email"
+        str(row.coupon_id): str(row.channels).split(",")[0].strip() or "email"
         for row in coupons.itertuples()
     }
 
@@ -388,7 +388,7 @@ def _default_channels(coupons: pd.DataFrame) -> dict[str, str]:
 
 
 def campaigns_to_analyze(campaign_id: str | None) -> list[str]:
-    """Return ``[campaign_id]``, or every campaign with outcomes in the offline store."""
+    """Return ``[campaign_id]``, or every campaign with outcomes in the lake."""
     settings = get_settings()
     outcomes = lake.read_lake_table(settings, "outcomes")
     known = sorted(outcomes["campaign_id"].astype(str).unique())

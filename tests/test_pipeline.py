@@ -1,0 +1,70 @@
+"""Task bodies' own logic: snapshot times, campaign ids, baskets, offer selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from couponflow.pipeline import (
+    active_offers,
+    campaign_dir,
+    campaign_id_or_default,
+    expected_basket_cents,
+    snapshot_times,
+)
+from couponflow.settings import Settings
+from couponflow.simulate import coupon_catalogue
+
+
+def test_snapshot_times_end_after_last_event() -> None:
+    last = pd.Timestamp("2026-10-14T17:30:00Z")
+    times = snapshot_times(last, 3)
+    assert [t.isoformat() for t in times] == [
+        "2026-10-13T00:00:00+00:00",
+        "2026-10-14T00:00:00+00:00",
+        "2026-10-15T00:00:00+00:00",
+    ]
+    assert all(t.tzinfo is not None for t in times)
+
+
+def test_snapshot_times_rejects_zero_days() -> None:
+    with pytest.raises(ValueError, match="snapshot_days must be >= 1"):
+        snapshot_times(pd.Timestamp("2026-10-14T00:00:00Z"), 0)
+
+
+def test_campaign_id_validation(tmp_path) -> None:
+    settings = Settings(home=tmp_path)
+    assert campaign_dir(settings, "spring-001") == tmp_path / "campaigns" / "spring-001"
+    for bad in ("", "../escape", "a/b", "x" * 101):
+        with pytest.raises(ValueError, match="invalid campaign_id"):
+            campaign_dir(settings, bad)
+
+
+def test_campaign_id_default_from_run_id() -> None:
+    assert campaign_id_or_default("mine", "manual__2026") == "mine"
+    derived = campaign_id_or_default("", "manual__2026-12-04T03:28:59.019083+00:00")
+    assert derived == "cmp-202612040328"
+
+
+def test_basket_falls_back_to_median_of_buyers() -> None:
+    basket = expected_basket_cents(pd.Series([0, 1000, 3000, 0, 2000]))
+    assert basket.dtype == np.int64
+    assert basket.tolist() == [2000, 1000, 3000, 2000, 2000]
+
+
+def test_basket_without_any_buyer_is_zero() -> None:
+    assert expected_basket_cents(pd.Series([0, 0])).tolist() == [0, 0]
+
+
+def test_active_offers_filters_and_checks() -> None:
+    start = pd.Timestamp("2026-09-01T00:00:00Z")
+    catalogue = coupon_catalogue(start, start + pd.Timedelta(days=30), 100)
+    at = start + pd.Timedelta(days=10)
+    chosen = active_offers(catalogue, ["pct-10", "amt-500"], at)
+    assert sorted(chosen["coupon_id"]) == ["amt-500", "pct-10"]
+    assert len(active_offers(catalogue, [], at)) == len(catalogue)
+    with pytest.raises(ValueError, match="unknown offers"):
+        active_offers(catalogue, ["nope"], at)
+    with pytest.raises(ValueError, match="no requested coupon is valid"):
+        active_offers(catalogue, [], start - pd.Timedelta(days=1))
