@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of customers the policy may e-mail",
     )
     hillstrom.add_argument("--seed", type=int, default=7, help="random seed")
+    hillstrom.add_argument(
+        "--objective",
+        choices=("visited", "converted", "revenue_cents"),
+        default="visited",
+        help="outcome whose predicted uplift ranks the customers",
+    )
 
     serve = commands.add_parser("serve", help="start the offers HTTP API")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind")
@@ -133,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path=args.path,
                 target_fraction=args.target_fraction,
                 seed=args.seed,
+                objective=args.objective,
             )
             print(study.format())
         elif args.command == "serve":

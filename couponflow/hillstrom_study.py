@@ -47,7 +47,8 @@ class HillstromStudy:
         s = self.summary
         lines = [
             f"Hillstrom: trained on {s['train_rows']} customers, evaluated on "
-            f"{s['test_rows']}; the policy e-mails {s['target_fraction']:.0%}.",
+            f"{s['test_rows']}; the policy e-mails {s['target_fraction']:.0%}, "
+            f"ranked by predicted uplift in {s['objective']}.",
             f"{'outcome':<14}{'policy lift':>14}{'95% CI':>24}{'random lift':>14}",
         ]
         for outcome in OUTCOMES:
@@ -70,10 +71,13 @@ def run_hillstrom_study(
     path: str | Path | None = None,
     target_fraction: float = 0.3,
     seed: int = 7,
+    objective: str = "visited",
 ) -> HillstromStudy:
     """Run the study end to end; log it to MLflow and write an HTML report."""
     from couponflow.sources.hillstrom import load_hillstrom
 
+    if objective not in OUTCOMES:
+        raise ValueError(f"objective must be one of {OUTCOMES}, got {objective!r}")
     if not 0 < target_fraction <= 1:
         raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction}")
     csv = Path(path) if path else settings.data_dir / "hillstrom" / "hillstrom.csv"
@@ -90,13 +94,14 @@ def run_hillstrom_study(
         outcome: _predict_uplift(train, test, feature_columns, arms, outcome, seed)
         for outcome in OUTCOMES
     }
-    policy = _target(predictions["revenue_cents"], arms, target_fraction)
+    policy = _target(predictions[objective], arms, target_fraction)
     random_policy = _random_policy(len(test), arms, target_fraction, rng)
     summary = _evaluate(test, predictions, arms, policy, random_policy)
     summary.update(
         train_rows=int(len(train)),
         test_rows=int(len(test)),
         target_fraction=target_fraction,
+        objective=objective,
         seed=seed,
         source=str(csv),
     )

@@ -273,6 +273,16 @@ def true_incremental_profit_cents(
     return profit
 
 
+def true_response(latent: pd.DataFrame, coupons: pd.DataFrame) -> pd.DataFrame:
+    """Return the truth frame of every user in ``latent`` under each of ``coupons``.
+
+    The frame has TRUTH_COLUMNS and the layout of ``World.truth``, control included,
+    so that coupons the world never drew (a designed catalogue) can be scored too.
+    Raises ``ValueError`` when the catalogue fails the simulator's checks.
+    """
+    return _truth_frame(latent, _compute_response(latent, coupons))
+
+
 def respond(
     world_or_latent: World | WorldTruth | pd.DataFrame,
     assignments: pd.DataFrame,

@@ -1,7 +1,7 @@
 """MLflow logging and registration of the response model, with champion promotion.
 
-A new version gets the "champion" alias only when its holdout Qini beats the current
-champion's Qini, re-scored on the same holdout frame.
+A new version gets the "champion" alias only when it passes the promotion gate of
+training.gate against the current champion, re-scored on the same holdout frame.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from couponflow.settings import Settings
-from training.response import ResponseModel, evaluate, metric_key
+from training.gate import (
+    DEFAULT_ESTIMATOR,
+    Estimator,
+    decide_promotion,
+    log_promotion_decision,
+)
+from training.response import ResponseModel, metric_key
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,8 @@ class RegistrationResult:
     # None when there was no champion before this call.
     champion_qini: float | None
     previous_champion_version: int | None
+    # The promotion gate's reason for the decision, one sentence.
+    promotion_reason: str = ""
 
 
 def log_and_register(
@@ -62,24 +70,38 @@ def log_and_register(
     settings: Settings,
     holdout_frame: pd.DataFrame,
     coupons: pd.DataFrame,
+    *,
+    gate_estimator: Estimator = DEFAULT_ESTIMATOR,
 ) -> RegistrationResult:
     """Log the model to MLflow, register a version, and promote it if it wins.
 
-    ``metrics`` are logged as they are. The promotion decision re-scores both the new
-    model and the current champion on ``holdout_frame`` with ``coupons``, and moves
-    the champion alias only when the new Qini is strictly higher. Both Qini values and
-    the decision are logged on the run.
+    ``metrics`` are logged as they are. The promotion decision
+    (:func:`training.gate.decide_promotion`) re-scores both the new model and the
+    current champion on ``holdout_frame``, which must contain the logged ``arm`` and
+    ``propensity``, with ``coupons`` and ``settings.margin_rate``. It moves the
+    champion alias only when the new model's greedy policy has a higher off-policy
+    profit (``gate_estimator``: "dr" or "snips") and its Qini is not lower. Both
+    Qini values, the gate's estimates and the decision are logged on the run.
     """
     name = settings.response_model_name
     with mlflow_tracking(settings) as client:
         experiment_id = ensure_experiment(client, RESPONSE_EXPERIMENT, settings)
-        challenger_qini = evaluate(model, holdout_frame, coupons)["qini"]
         champion = _find_champion(client, name)
-        champion_qini: float | None = None
-        if champion is not None:
-            champion_model = _load_champion_version(champion)
-            champion_qini = evaluate(champion_model, holdout_frame, coupons)["qini"]
-        promoted = champion_qini is None or challenger_qini > champion_qini
+        champion_model = (
+            _load_champion_version(champion) if champion is not None else None
+        )
+        # --- promotion gate (training.gate) ---
+        decision = decide_promotion(
+            model,
+            champion_model,
+            holdout_frame,
+            coupons,
+            margin_rate=settings.margin_rate,
+            estimator=gate_estimator,
+        )
+        challenger_qini = decision.challenger_qini
+        champion_qini = decision.champion_qini
+        promoted = decision.promoted
 
         with mlflow.start_run(experiment_id=experiment_id) as run:
             mlflow.log_params(_run_params(model))
@@ -97,6 +119,7 @@ def log_and_register(
             if champion_qini is not None:
                 comparison["champion_holdout_qini"] = champion_qini
             mlflow.log_metrics(comparison)
+            log_promotion_decision(decision)
             mlflow.set_tags(
                 {
                     "champion_decision": "promoted" if promoted else "kept_champion",
@@ -124,6 +147,7 @@ def log_and_register(
         challenger_qini=challenger_qini,
         champion_qini=champion_qini,
         previous_champion_version=int(champion.version) if champion else None,
+        promotion_reason=decision.reason,
     )
 
 

@@ -1,0 +1,296 @@
+"""Decision-quality benchmark: the share of the oracle's true profit each policy earns.
+
+Runs the library without Airflow on a simulated world and scores every allocation on
+the simulator's true expected profit. Run: ``python benchmarks/decision_quality.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from couponflow import lake
+from couponflow.allocation import (
+    NO_OFFER,
+    likeliest_buyers,
+    oracle,
+    random_targeting,
+    score_offers,
+    solve_budget,
+)
+from couponflow.features import compute_user_features
+from couponflow.pipeline import expected_basket_cents
+from couponflow.schemas import CONTROL_ARM, EVENTS, USERS
+from couponflow.settings import Settings
+from couponflow.simulate import World, simulate_world, true_incremental_profit_cents
+from training.response import ResponseModel, train_response_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_USERS = 10_000
+DEFAULT_DAYS = 45
+DEFAULT_SEED = 7
+# Budgets as shares of the oracle's spend when the budget does not bind.
+BUDGET_SHARES = (0.05, 0.10, 0.25)
+PLOT_SHARES = (0.02, 0.05, 0.10, 0.15, 0.25, 0.40, 0.60, 0.80, 1.0)
+POLICIES = (
+    "random targeting",
+    "likeliest buyers",
+    "uplift top-k",
+    "couponflow",
+    "oracle",
+)
+FloatMatrix = npt.NDArray[np.float64]
+Choice = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What couponflow knows at decision time, and the truth it is judged on."""
+
+    p: FloatMatrix
+    profit: FloatMatrix
+    cost: FloatMatrix
+    uplift: FloatMatrix
+    true_profit: FloatMatrix
+    true_cost: FloatMatrix
+    seconds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class PolicyOutcome:
+    """One policy at one budget, judged on the true effects."""
+
+    budget_share: float
+    budget_cents: int
+    policy: str
+    granted: int
+    true_cost_cents: float
+    true_profit_cents: float
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--users", type=int, default=DEFAULT_USERS)
+    parser.add_argument("--days", type=int, default=DEFAULT_DAYS)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="PNG path of the profit-budget plot"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="couponflow-bench-") as home:
+        scored = score_world(Settings(home=Path(home)), args.users, args.days, args.seed)
+    outcomes = compare(scored, BUDGET_SHARES, args.seed)
+    print(format_table(outcomes))
+    for stage, seconds in scored.seconds.items():
+        print(f"{stage}: {seconds:.1f} s")
+    if args.plot is not None:
+        write_plot(compare(scored, PLOT_SHARES, args.seed), args.plot)
+        print(f"plot: {args.plot}")
+    print(f"total: {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def score_world(settings: Settings, n_users: int, days: int, seed: int) -> Scored:
+    """Simulate, compute features, train and score as the pipeline does."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    world = simulate_world(n_users, days, seed)
+    settings.ensure_dirs()
+    lake.write_lake_partitions(settings, USERS, "users", world.users)
+    lake.write_lake_partitions(settings, EVENTS, "events", world.events)
+    seconds["simulate"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    send_day = pd.Timestamp(world.meta["send_at"])
+    end = pd.Timestamp(world.meta["end"])
+    as_of = [send_day - timedelta(days=1), send_day, end]
+    features = compute_user_features(settings, as_of)
+    seconds["features"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    train = training_rows(world, features)
+    model = train_response_model(train, world.coupons, seed=seed)
+    seconds["train"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    users = features[features["event_timestamp"] == end].reset_index(drop=True)
+    offers = world.coupons.reset_index(drop=True)
+    p, profit, cost, uplift = score(model, users, offers, settings.margin_rate)
+    true_profit, true_cost = true_matrices(world, users["user_id"], offers, settings)
+    seconds["score"] = time.perf_counter() - clock
+    return Scored(p, profit, cost, uplift, true_profit, true_cost, seconds)
+
+
+def training_rows(world: World, features: pd.DataFrame) -> pd.DataFrame:
+    """Join each past exposure with its outcome and the last snapshot before it."""
+    rows = world.exposures.merge(
+        world.outcomes[["campaign_id", "user_id", "converted", "revenue_cents"]],
+        on=["campaign_id", "user_id"],
+        validate="one_to_one",
+    )
+    rows = rows.sort_values("send_at")
+    snapshots = features.sort_values("event_timestamp")
+    joined = pd.merge_asof(
+        rows,
+        snapshots,
+        left_on="send_at",
+        right_on="event_timestamp",
+        by="user_id",
+        allow_exact_matches=False,
+    )
+    missing = joined["event_timestamp"].isna()
+    if missing.any():
+        log.warning("dropped %d exposures without a prior snapshot", missing.sum())
+    return joined[~missing].reset_index(drop=True)
+
+
+def score(
+    model: ResponseModel, users: pd.DataFrame, offers: pd.DataFrame, margin: float
+) -> tuple[FloatMatrix, FloatMatrix, FloatMatrix, FloatMatrix]:
+    """Score every user x offer as couponflow.pipeline.score_campaign does."""
+    p = model.predict_conversion(users, offers)
+    basket = expected_basket_cents(users["aov_cents"])
+    scores = score_offers(p, basket, offers, margin)
+    return p, scores.profit_cents, scores.cost_cents, scores.uplift
+
+
+def true_matrices(
+    world: World, user_ids: pd.Series, offers: pd.DataFrame, settings: Settings
+) -> tuple[FloatMatrix, FloatMatrix]:
+    """Return the true profit and expected discount, users x offers, in cents."""
+    profit = true_incremental_profit_cents(world.truth, settings.margin_rate)
+    discount = world.truth.pivot(
+        index="user_id", columns="coupon_id", values="expected_discount_cents"
+    )
+    ids = user_ids.astype(str).tolist()
+    columns = offers["coupon_id"].astype(str).tolist()
+    return (
+        profit.loc[ids, columns].to_numpy("float64"),
+        discount.loc[ids, columns].to_numpy("float64"),
+    )
+
+
+def unconstrained_spend(true_profit: FloatMatrix, true_cost: FloatMatrix) -> float:
+    """Return the oracle's true spend when every positive-profit grant is made."""
+    best = true_profit.argmax(axis=1)
+    rows = np.arange(len(true_profit))
+    chosen = true_profit[rows, best] > 0
+    return float(true_cost[rows, best][chosen].sum())
+
+
+def uplift_top_k(uplift: FloatMatrix, cost: FloatMatrix, budget_cents: int) -> Choice:
+    """Rank users by their best predicted uplift and grant that offer until the budget.
+
+    Stops at the first user whose predicted cost no longer fits.
+    """
+    best = uplift.argmax(axis=1)
+    rows = np.arange(len(uplift))
+    order = np.lexsort((rows, -uplift[rows, best]))
+    spent = np.cumsum(cost[order, best[order]])
+    served = order[spent <= budget_cents]
+    if served.size < order.size:
+        served = order[: int(np.argmax(spent > budget_cents))]
+    choice = np.full(len(uplift), NO_OFFER, dtype=np.int64)
+    choice[served] = best[served]
+    return choice
+
+
+def compare(scored: Scored, shares: Sequence[float], seed: int) -> list[PolicyOutcome]:
+    """Run every policy at each budget share and judge it on the truth."""
+    spend = unconstrained_spend(scored.true_profit, scored.true_cost)
+    outcomes = []
+    for share in shares:
+        budget = max(1, int(round(spend * share)))
+        choices = {
+            "random targeting": random_targeting(
+                scored.profit, scored.cost, budget, seed
+            ).choice,
+            "likeliest buyers": likeliest_buyers(
+                scored.p, scored.profit, scored.cost, budget
+            ).choice,
+            "uplift top-k": uplift_top_k(scored.uplift, scored.cost, budget),
+            "couponflow": solve_budget(scored.profit, scored.cost, budget).choice,
+            "oracle": oracle(scored.true_profit, scored.true_cost, budget).choice,
+        }
+        for policy in POLICIES:
+            choice = np.asarray(choices[policy])
+            rows = np.flatnonzero(choice >= 0)
+            outcomes.append(
+                PolicyOutcome(
+                    budget_share=share,
+                    budget_cents=budget,
+                    policy=policy,
+                    granted=int(rows.size),
+                    true_cost_cents=float(scored.true_cost[rows, choice[rows]].sum()),
+                    true_profit_cents=float(
+                        scored.true_profit[rows, choice[rows]].sum()
+                    ),
+                )
+            )
+    return outcomes
+
+
+def format_table(outcomes: list[PolicyOutcome]) -> str:
+    """Return the table of true profit and share of the oracle per budget."""
+    lines = [
+        f"{'budget':>7} {'policy':<18}{'offers':>8}{'true cost':>12}"
+        f"{'true profit':>13}{'of oracle':>11}"
+    ]
+    by_share: dict[float, list[PolicyOutcome]] = {}
+    for outcome in outcomes:
+        by_share.setdefault(outcome.budget_share, []).append(outcome)
+    for share, group in by_share.items():
+        best = next(o.true_profit_cents for o in group if o.policy == "oracle")
+        for o in group:
+            ratio = f"{o.true_profit_cents / best:.1%}" if best > 0 else "n/a"
+            lines.append(
+                f"{share:>7.0%} {o.policy:<18}{o.granted:>8}"
+                f"{o.true_cost_cents / 100:>12,.2f}{o.true_profit_cents / 100:>13,.2f}"
+                f"{ratio:>11}"
+            )
+    return "\n".join(lines)
+
+
+def write_plot(outcomes: list[PolicyOutcome], path: Path) -> None:
+    """Save true profit against budget share, one line per policy, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for policy in POLICIES:
+        points = [o for o in outcomes if o.policy == policy]
+        axes.plot(
+            [o.budget_share * 100 for o in points],
+            [o.true_profit_cents / 100 for o in points],
+            marker="o",
+            label=policy,
+        )
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.set_xlabel("budget, % of the oracle's unconstrained spend")
+    axes.set_ylabel("true incremental profit")
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
