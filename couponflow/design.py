@@ -63,7 +63,7 @@ class ConversionModel(Protocol):
 
 
 class Coupon(NamedTuple):
-    """The designed parameters of one coupon; the order of fields sorts catalogues."""
+    """The designed parameters of one coupon, in the field order that sorts them."""
 
     kind: str
     # Cents for amount_off and free_shipping, basis points for percent_off.
@@ -101,6 +101,10 @@ class DesignSpace:
     categories: tuple[str, ...] = (ALL_CATEGORIES, *CATEGORIES)
 
     def __post_init__(self) -> None:
+        self._check_limits()
+        self._check_choices()
+
+    def _check_limits(self) -> None:
         if not 0.0 <= self.margin_floor < 1.0:
             raise ValueError(
                 f"margin_floor must be in [0, 1), got {self.margin_floor}; it is the "
@@ -115,6 +119,7 @@ class DesignSpace:
             "min_spend_step_cents": self.min_spend_step_cents,
             "shipping_fee_cents": self.shipping_fee_cents,
         }
+
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -122,6 +127,13 @@ class DesignSpace:
             raise ValueError(
                 f"max_percent_bp must be <= {BASIS_POINTS}, got {self.max_percent_bp}"
             )
+        if self.max_discount_bp < 1:
+            raise ValueError(
+                f"margin_floor={self.margin_floor} leaves no room for a discount of "
+                "one basis point; lower it"
+            )
+
+    def _check_choices(self) -> None:
         if not self.valid_days or min(self.valid_days) < 1:
             raise ValueError(
                 f"valid_days must list whole days >= 1, got {self.valid_days}"
@@ -131,11 +143,6 @@ class DesignSpace:
             raise ValueError(
                 f"kinds must be a non-empty subset of {COUPON_KINDS}, got {self.kinds}"
             )
-        if self.max_discount_bp < 1:
-            raise ValueError(
-                f"margin_floor={self.margin_floor} leaves no room for a discount of "
-                "one basis point; lower it"
-            )
         known_categories = {ALL_CATEGORIES, *CATEGORIES}
         unknown_categories = sorted(set(self.categories) - known_categories)
         if not self.categories or unknown_categories:
@@ -143,6 +150,7 @@ class DesignSpace:
                 f"categories must be a non-empty subset of {sorted(known_categories)}"
                 f", got {self.categories}"
             )
+
         empty = [kind for kind in self.kinds if not self.values(kind)]
         if empty:
             raise ValueError(
@@ -202,7 +210,7 @@ class DesignSpace:
 
 @dataclass(frozen=True)
 class GenerationStats:
-    """Objective of one generation's population; generation 0 is the initial one."""
+    """Objective of one generation, where generation 0 is the initial population."""
 
     generation: int
     best_objective_cents: float
@@ -296,7 +304,7 @@ def design_catalogue(
 
     With ``max_users``, a seeded sample of that many users is searched, and the
     budget is scaled by the sampled share. ``starts_at`` defaults to the latest
-    ``event_timestamp`` of ``users``; the coupons stay valid ``catalogue_days``
+    ``event_timestamp`` of ``users``, and the coupons stay valid ``catalogue_days``
     from it. Stock is the number of users, because an allocation gives each user
     one coupon at most.
     """
@@ -470,7 +478,7 @@ def expected_basket_cents(users: pd.DataFrame) -> npt.NDArray[np.int64]:
 
 
 def log_design(result: DesignResult, settings: Settings) -> str:
-    """Log a design run to MLflow experiment "couponflow-design"; return the run id.
+    """Log a design run to MLflow experiment "couponflow-design" and return its run id.
 
     Logs ``result.params``, the best and mean objective of every generation as
     metrics with the generation as step, the final objectives, and the catalogue as
@@ -539,7 +547,7 @@ def search_designed_catalogue(
     max_users: int | None,
     settings: Settings | None = None,
 ) -> dict[str, Any]:
-    """Design a catalogue for the champion model and the latest features; save it.
+    """Design a catalogue for the champion model and the latest features, and save it.
 
     Users get the champion's features from Feast as of the latest snapshot, as the
     allocate_campaign DAG scores them. The run is logged to MLflow and the catalogue
@@ -638,7 +646,7 @@ class _Evaluator:
         ]
         if not new:
             return 0
-        # Ids only label columns here; the model reads the offer attributes.
+        # The ids only label columns, because the model reads the offer attributes.
         offers = catalogue_frame(
             new, pd.Timestamp(0, tz="UTC"), pd.Timestamp(0, tz="UTC"), 1, "candidate"
         )
@@ -740,14 +748,14 @@ class _Operators:
         drawn = self.rng.integers(0, len(ranked), size=size)
         return ranked[int(drawn.min())][0]
 
-    def _unique(self, draw: Callable[[], Coupon], taken: Sequence[Coupon]) -> Coupon:
+    def _unique(self, draw: Callable[[], Coupon], existing: Sequence[Coupon]) -> Coupon:
         for _ in range(_MAX_UNIQUE_DRAWS):
             coupon = draw()
-            if coupon not in taken:
+            if coupon not in existing:
                 return coupon
         for _ in range(_MAX_UNIQUE_DRAWS):
             coupon = self.random_coupon()
-            if coupon not in taken:
+            if coupon not in existing:
                 return coupon
         raise RuntimeError(
             f"drew {2 * _MAX_UNIQUE_DRAWS} coupons that the catalogue already has; "

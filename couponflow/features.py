@@ -46,9 +46,10 @@ DAY_PARTS: dict[str, tuple[int, int]] = {
 }
 
 # Output columns and their pandas dtypes, in order. Frequency, spend, events,
-# sessions, browse seconds, click depth and cart rate cover 30 days. AOV, affinity,
-# top category, peak hour and hour shares cover 90 days. Recency looks back up to
-# RECENCY_SENTINEL_DAYS.
+# sessions, browse seconds, click depth, cart rate and views per session cover 30
+# days. frequency_90d, AOV, the view price index, affinity, top category, peak hour
+# and hour shares cover 90 days. Recency looks back up to RECENCY_SENTINEL_DAYS.
+# mobile_device is 1 when the users table lists the user's device as "mobile".
 FEATURE_COLUMNS: dict[str, str] = {
     "user_id": "string",
     "event_timestamp": UTC_TS,
@@ -67,7 +68,12 @@ FEATURE_COLUMNS: dict[str, str] = {
     "peak_hour": "int64",
     **{f"hour_share_{part}": "float64" for part in DAY_PARTS},
     "days_since_signup": "float64",
+    "frequency_90d": "int64",
+    "views_per_session_30d": "float64",
+    "view_price_index_90d": "float64",
+    "mobile_device": "int64",
 }
+MOBILE_DEVICE = "mobile"
 
 _EVENT_COLUMNS = (
     "user_id",
@@ -80,6 +86,8 @@ _EVENT_COLUMNS = (
     "dwell_seconds",
 )
 _CATEGORY_COUNTS = [f"cat_{category}" for category in CATEGORIES]
+_CATEGORY_VIEWS = [f"views_{category}" for category in CATEGORIES]
+_CATEGORY_LOG_PRICES = [f"log_price_{category}" for category in CATEGORIES]
 _HOUR_COUNTS = [f"hour_{hour:02d}" for hour in range(24)]
 _SHORT_SUMS = [
     "events_30d",
@@ -90,7 +98,18 @@ _SHORT_SUMS = [
     "carts_30d",
     "dwell_30d",
 ]
-_LONG_SUMS = ["purchases_90d", "spend_90d", *_CATEGORY_COUNTS, *_HOUR_COUNTS]
+# The 90-day sums of the count matrix, in the order of _LONG_COUNTS, then the
+# 90-day sums of the float matrix.
+_LONG_COUNT_SUMS = [
+    "purchases_90d",
+    "spend_90d",
+    *_CATEGORY_COUNTS,
+    *_HOUR_COUNTS,
+    *_CATEGORY_VIEWS,
+]
+_LONG_SUMS = [*_LONG_COUNT_SUMS, *_CATEGORY_LOG_PRICES]
+# Window sums that are float64; the others are int64.
+_FLOAT_SUMS = ["dwell_30d", *_CATEGORY_LOG_PRICES]
 # Columns of the per-event count matrix, and the ones summed over each window.
 _COUNT_NAMES = [
     "events",
@@ -101,11 +120,22 @@ _COUNT_NAMES = [
     "carts",
     *_CATEGORY_COUNTS,
     *_HOUR_COUNTS,
+    *_CATEGORY_VIEWS,
 ]
 _FIRST_CATEGORY = _COUNT_NAMES.index(_CATEGORY_COUNTS[0])
 _FIRST_HOUR = _COUNT_NAMES.index(_HOUR_COUNTS[0])
+_FIRST_CATEGORY_VIEW = _COUNT_NAMES.index(_CATEGORY_VIEWS[0])
 _SHORT_COUNTS = ["events", "purchases", "spend", "clicks", "views", "carts"]
-_LONG_COUNTS = ["purchases", "spend", *_CATEGORY_COUNTS, *_HOUR_COUNTS]
+_LONG_COUNTS = [
+    "purchases",
+    "spend",
+    *_CATEGORY_COUNTS,
+    *_HOUR_COUNTS,
+    *_CATEGORY_VIEWS,
+]
+# Columns of the per-event float matrix: dwell, then the log price of priced views
+# per category.
+_FLOAT_NAMES = ["dwell", *_CATEGORY_LOG_PRICES]
 _NANOS_PER_DAY = 86_400 * 10**9
 _NO_EVENT = np.iinfo("int64").min
 _KEYS = ["user_id", "as_of_index"]
@@ -178,7 +208,7 @@ def _compute(
     )
 
     events = _read_table(event_files, EVENTS, list(_EVENT_COLUMNS))
-    users = _read_table(user_files, USERS, ["user_id", "signup_ts"])
+    users = _read_table(user_files, USERS, ["user_id", "signup_ts", "device"])
     # Tree reductions of per-partition partial results: the reduced tables have one
     # row per (user, as-of), small enough for one worker, and need no shuffle.
     totals = events.reduction(
@@ -308,7 +338,11 @@ def _empty_events() -> pd.DataFrame:
 
 
 def _event_counts(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Return a row per event of integer counts (columns _COUNT_NAMES), and dwell."""
+    """Return a row per event of integer counts and of floats.
+
+    The columns are _COUNT_NAMES and _FLOAT_NAMES. Only views with a known category
+    and a positive price count in views_<category> and log_price_<category>.
+    """
     event_type = part["event_type"].fillna("").to_numpy(dtype=object)
     is_purchase = event_type == "purchase"
     price = part["price_cents"].fillna(0).to_numpy(dtype="int64")
@@ -329,8 +363,15 @@ def _event_counts(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     known = category_codes >= 0
     counts[rows[known], _FIRST_CATEGORY + category_codes[known]] = 1
     counts[rows, _FIRST_HOUR + hours] = 1
-    dwell = part["dwell_seconds"].fillna(0.0).to_numpy(dtype="float64")
-    return counts, dwell
+
+    floats = np.zeros((len(part), len(_FLOAT_NAMES)), dtype="float64")
+    floats[:, 0] = part["dwell_seconds"].fillna(0.0).to_numpy(dtype="float64")
+    priced_view = (event_type == "view") & known & (price > 0)
+    view_rows = rows[priced_view]
+    view_codes = category_codes[priced_view]
+    counts[view_rows, _FIRST_CATEGORY_VIEW + view_codes] = 1
+    floats[view_rows, 1 + view_codes] = np.log(price[priced_view])
+    return counts, floats
 
 
 def _window_sums(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
@@ -342,8 +383,8 @@ def _window_sums(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
     part = part.dropna(subset=["user_id", "event_ts"])
     user_codes, user_ids = pd.factorize(part["user_id"])
     stamps = part["event_ts"].astype("int64").to_numpy()
-    counts, dwell = _event_counts(part)
-    window_sums = _CachedWindowSums(counts, dwell, user_codes, len(user_ids))
+    counts, floats = _event_counts(part)
+    window_sums = _CachedWindowSums(counts, floats, user_codes, len(user_ids))
     short_columns = [_COUNT_NAMES.index(name) for name in _SHORT_COUNTS]
     long_columns = [_COUNT_NAMES.index(name) for name in _LONG_COUNTS]
 
@@ -357,18 +398,20 @@ def _window_sums(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
         present = last_event > _NO_EVENT
 
         long_window = before & (stamps >= (as_of - LONG_WINDOW).value)
-        long_sums, _ = window_sums.sums(long_window)
+        long_sums, long_floats = window_sums.sums(long_window)
         short_window = long_window & (stamps >= (as_of - SHORT_WINDOW).value)
-        short_sums, short_dwell = window_sums.sums(short_window)
+        short_sums, short_floats = window_sums.sums(short_window)
 
         piece = pd.DataFrame(
             short_sums[present][:, short_columns],
             columns=[f"{name}_30d" for name in _SHORT_COUNTS],
         )
-        piece["dwell_30d"] = short_dwell[present]
+        piece["dwell_30d"] = short_floats[present, 0]
         long_frame = pd.DataFrame(
-            long_sums[present][:, long_columns], columns=_LONG_SUMS
+            long_sums[present][:, long_columns], columns=_LONG_COUNT_SUMS
         )
+        for position, name in enumerate(_CATEGORY_LOG_PRICES):
+            long_frame[name] = long_floats[present, 1 + position]
         piece = pd.concat([piece, long_frame], axis=1)
         piece.insert(0, "user_id", user_ids[present])
         piece.insert(1, "as_of_index", index)
@@ -382,17 +425,17 @@ def _window_sums(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
 
 
 class _CachedWindowSums:
-    """Per-user sums of the count matrix over a mask of events.
+    """Per-user sums of the count and float matrices over a mask of events.
 
     A partition often lies wholly inside a window, so the sums over all of its events
     are computed once and reused.
     """
 
     def __init__(
-        self, counts: np.ndarray, dwell: np.ndarray, codes: np.ndarray, size: int
+        self, counts: np.ndarray, floats: np.ndarray, codes: np.ndarray, size: int
     ) -> None:
         self._counts = counts
-        self._dwell = dwell
+        self._floats = floats
         self._codes = codes
         self._size = size
         self._all: tuple[np.ndarray, np.ndarray] | None = None
@@ -406,11 +449,11 @@ class _CachedWindowSums:
 
     def _masked_sums(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         counts = np.zeros((self._size, self._counts.shape[1]), dtype="int64")
-        dwell = np.zeros(self._size, dtype="float64")
+        floats = np.zeros((self._size, self._floats.shape[1]), dtype="float64")
         if mask.any():
             np.add.at(counts, self._codes[mask], self._counts[mask])
-            np.add.at(dwell, self._codes[mask], self._dwell[mask])
-        return counts, dwell
+            np.add.at(floats, self._codes[mask], self._floats[mask])
+        return counts, floats
 
 
 def _combine_window_sums(frame: pd.DataFrame) -> pd.DataFrame:
@@ -430,7 +473,7 @@ def _empty_window_sums() -> pd.DataFrame:
         "recency_days": pd.Series(dtype="float64"),
     }
     for column in [*_SHORT_SUMS, *_LONG_SUMS]:
-        dtype = "float64" if column == "dwell_30d" else "int64"
+        dtype = "float64" if column in _FLOAT_SUMS else "int64"
         columns[column] = pd.Series(dtype=dtype)
     return pd.DataFrame(columns)
 
@@ -485,7 +528,7 @@ def _assemble(
             unmatched,
         )
     for column in [*_SHORT_SUMS, *_LONG_SUMS, "sessions_30d"]:
-        sum_dtype = np.float64 if column == "dwell_30d" else np.int64
+        sum_dtype = np.float64 if column in _FLOAT_SUMS else np.int64
         sums[column] = sums[column].fillna(0).astype(sum_dtype)
 
     out = pd.DataFrame(
@@ -510,15 +553,23 @@ def _assemble(
     _add_hour_features(out, sums)
     since_signup = sums["event_timestamp"] - sums["signup_ts"]
     out["days_since_signup"] = since_signup.dt.total_seconds() / 86_400
+    out["frequency_90d"] = sums["purchases_90d"]
+    out["views_per_session_30d"] = _share(sums["views_30d"], sums["sessions_30d"])
+    out["view_price_index_90d"] = _view_price_index(sums, totals)
+    out["mobile_device"] = (sums["device"] == MOBILE_DEVICE).fillna(False).astype(int)
     out = out.sort_values(["event_timestamp", "user_id"], ignore_index=True)
     return out.astype(FEATURE_COLUMNS)[list(FEATURE_COLUMNS)]
 
 
 def _user_grid(users: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
     """Return one row per (user, as-of) for users who signed up before the as-of."""
-    known = users.dropna(subset=["user_id", "signup_ts"])
-    # A user ingested in two batches keeps the earliest signup.
-    signups = known.groupby("user_id", observed=True)["signup_ts"].min().reset_index()
+    known = users.dropna(subset=["user_id", "signup_ts"]).sort_values("signup_ts")
+    # A user ingested in two batches keeps the earliest signup and its device.
+    signups = (
+        known.groupby("user_id", observed=True)
+        .agg(signup_ts=("signup_ts", "min"), device=("device", "first"))
+        .reset_index()
+    )
     as_of_frame = pd.DataFrame(
         {
             "as_of_index": np.arange(len(times), dtype="int64"),
@@ -545,6 +596,35 @@ def _share(part: pd.Series, whole: pd.Series) -> pd.Series:
     safe_whole = np.where(whole_values > 0, whole_values, 1.0)
     share = part.to_numpy(dtype="float64") / safe_whole
     return pd.Series(np.where(whole_values > 0, share, 0.0), index=part.index)
+
+
+def _view_price_index(sums: pd.DataFrame, totals: pd.DataFrame) -> pd.Series:
+    """Return how dear the items a user viewed in 90 days are for their categories.
+
+    The index is the exponential of the user's mean, over priced views, of the log
+    price minus the mean log price of every view of that category before the same
+    as-of time. So 1 is a typical price, 0.5 half of it, and 0 means no priced view.
+    """
+    view_counts = sums[_CATEGORY_VIEWS].to_numpy(dtype="float64")
+    log_sums = sums[_CATEGORY_LOG_PRICES].to_numpy(dtype="float64")
+    # Reference log price per (as-of, category), over every user with events.
+    reference = totals.groupby("as_of_index")[
+        [*_CATEGORY_VIEWS, *_CATEGORY_LOG_PRICES]
+    ].sum()
+    all_views = reference[_CATEGORY_VIEWS].to_numpy(dtype="float64")
+    all_logs = reference[_CATEGORY_LOG_PRICES].to_numpy(dtype="float64")
+    mean_log = np.divide(
+        all_logs, all_views, out=np.zeros_like(all_logs), where=all_views > 0
+    )
+    position = reference.index.get_indexer(pd.Index(sums["as_of_index"]))
+    # An as-of time without any view has no reference row; its users have no views.
+    row_mean_log = np.where(position[:, None] >= 0, mean_log[position], 0.0)
+
+    total_views = view_counts.sum(axis=1)
+    deviation = (log_sums - view_counts * row_mean_log).sum(axis=1)
+    safe_views = np.where(total_views > 0, total_views, 1.0)
+    index = np.where(total_views > 0, np.exp(deviation / safe_views), 0.0)
+    return pd.Series(index, index=sums.index)
 
 
 def _add_category_features(out: pd.DataFrame, sums: pd.DataFrame) -> None:

@@ -42,8 +42,6 @@ _INIT_SCALE = 0.1
 _NNZ_PER_BATCH = 20_000
 # Users per batch when the predicted preferences are averaged per category.
 _USERS_PER_BATCH = 4_096
-# Key of the pseudo-item of events that name a category but no item.
-_CATEGORY_ITEM_PREFIX = "category:"
 
 
 def compute_interest(
@@ -61,12 +59,14 @@ def compute_interest(
 
     Columns are ``user_id`` and ``interest_<category>`` for each of CATEGORIES, in
     [0, 1]. Only events strictly before ``as_of`` count, weighted by EVENT_WEIGHTS.
-    A user's interest in a category is the mean predicted preference, clipped to
-    [0, 1], over the category's items seen in those events. A user without such
-    events gets the mean interest of the users with events. Eligibility is the
-    user feature rule: a user id and a signup time strictly before ``as_of``, the
-    earliest signup when a user appears twice. Rows are sorted by user id, and the
-    same inputs and ``seed`` give the same scores.
+    Events without an item id, a known event type or a category of CATEGORIES are
+    skipped, because the factorization learns from items. A user's interest in a
+    category is the mean predicted preference, clipped to [0, 1], over the
+    category's items seen in the events. A user without usable events gets the mean
+    interest of the eligible users with events. Eligibility is the user feature
+    rule: a user id and a signup time strictly before ``as_of``, the earliest
+    signup when a user appears twice. Rows are sorted by user id, and the same
+    inputs and ``seed`` give the same scores.
     """
     cutoff = _as_utc(as_of)
     _check_hyperparameters(factors, regularization, iterations, alpha)
@@ -97,7 +97,7 @@ def compute_interest(
         )
     scores[~has_history] = fallback
     frame = pd.DataFrame(scores, columns=list(INTEREST_COLUMNS))
-    frame.insert(0, "user_id", pd.array(eligible, dtype="string"))
+    frame.insert(0, "user_id", pd.Series(eligible, dtype="string"))
     log.info(
         "interest as of %s: %d users, %d with events, %d on the population mean, "
         "%.1f s",
@@ -131,31 +131,29 @@ def _weighted_interactions(events: pd.DataFrame, cutoff: pd.Timestamp) -> pd.Dat
     frame["weight"] = frame["event_type"].astype("string").map(EVENT_WEIGHTS)
     usable = (
         frame["user_id"].notna()
+        & frame["item_id"].notna()
         & frame["weight"].notna()
         & frame["category"].astype("string").isin(CATEGORIES).fillna(False)
     )
     if (~usable).any():
         log.info(
-            "interest: skipped %d of %d events before %s with no user, an unknown "
-            "event type or a category outside CATEGORIES",
+            "interest: skipped %d of %d events before %s with no user or item, an "
+            "unknown event type or a category outside CATEGORIES",
             int((~usable).sum()),
             len(frame),
             cutoff.isoformat(),
         )
     frame = frame[usable]
-    category = frame["category"].astype(str)
-    item = frame["item_id"].astype("string")
     frame = pd.DataFrame(
         {
             "user_id": frame["user_id"].astype(str),
-            "item": item.fillna(_CATEGORY_ITEM_PREFIX + category).astype(str),
-            "category": category,
+            "item": frame["item_id"].astype(str),
+            "category": frame["category"].astype(str),
             "weight": frame["weight"].astype(np.float64),
         }
     )
-    return frame.groupby(["user_id", "item", "category"], as_index=False)[
-        "weight"
-    ].sum()
+    grouped = frame.groupby(["user_id", "item", "category"], as_index=False)
+    return pd.DataFrame(grouped["weight"].sum())
 
 
 def _interaction_matrix(
@@ -165,16 +163,18 @@ def _interaction_matrix(
     index of each item column."""
     # An item seen under several categories belongs to the one with the most weight,
     # ties going to the first in CATEGORIES.
-    per_category = interactions.groupby(["item", "category"], as_index=False)[
-        "weight"
-    ].sum()
+    per_category = pd.DataFrame(
+        interactions.groupby(["item", "category"], as_index=False)["weight"].sum()
+    )
     per_category["rank"] = per_category["category"].map(CATEGORIES.index)
     per_category = per_category.sort_values(
-        ["item", "weight", "rank"], ascending=[True, False, True]
+        by=["item", "weight", "rank"], ascending=[True, False, True]
     )
     item_category = per_category.drop_duplicates("item").set_index("item")["rank"]
 
-    per_item = interactions.groupby(["user_id", "item"], as_index=False)["weight"].sum()
+    per_item = pd.DataFrame(
+        interactions.groupby(["user_id", "item"], as_index=False)["weight"].sum()
+    )
     user_ids, user_codes = np.unique(per_item["user_id"], return_inverse=True)
     item_ids, item_codes = np.unique(per_item["item"], return_inverse=True)
     matrix = sparse.csr_matrix(
@@ -216,7 +216,7 @@ def _solve_side(
     """Solve the least-squares factors of every row of ``confidence`` given ``fixed``.
 
     Row ``u`` solves ``(F'F + F'(C_u - I)F + reg * I) x = F' C_u p_u``, where only the
-    row's nonzeros add to F'F. Every row must have a nonzero, which holds because
+    row's nonzeros add to F'F. Every row must have a nonzero, which is true because
     rows and columns come from observed interactions.
     """
     n_rows, k = confidence.shape[0], fixed.shape[1]

@@ -201,7 +201,9 @@ def randomized_training_rows(settings: Settings) -> pd.DataFrame:
         )
     outcomes = lake.read_lake_table(settings, "outcomes")
     rows = exposures.merge(
-        outcomes[["campaign_id", "user_id", "converted", "revenue_cents"]],
+        outcomes[
+            ["campaign_id", "user_id", "converted", "revenue_cents", "discount_cents"]
+        ],
         on=["campaign_id", "user_id"],
         how="left",
         validate="one_to_one",
@@ -209,6 +211,7 @@ def randomized_training_rows(settings: Settings) -> pd.DataFrame:
     # An exposure with no outcome row is a user who did nothing in the window.
     rows["converted"] = rows["converted"].fillna(False).astype(bool)
     rows["revenue_cents"] = rows["revenue_cents"].fillna(0).astype("int64")
+    rows["discount_cents"] = rows["discount_cents"].fillna(0).astype("int64")
     rows = rows.rename(columns={"send_at": "event_timestamp"})
     return rows.reset_index(drop=True)
 

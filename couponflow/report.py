@@ -14,26 +14,38 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from couponflow.analysis import ArmResult, ExperimentResult, Interval
+from couponflow.analysis import ArmResult, ExperimentResult, Interval, figures
+from couponflow.analysis.decisions import SUMMARY_NAME, build_summary
+from couponflow.analysis.guards import MIN_CONVERSIONS_PER_GROUP, MIN_USERS_PER_GROUP
+from couponflow.analysis.stats import EXACT_EXPECTED_CELL_MIN, PROPORTION_METHODS
+from couponflow.analysis.stratified import SPLIT_P_THRESHOLD
 from couponflow.money import format_cents
 from couponflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "EXPERIMENT_NAME",
+    "SUMMARY_NAME",
+    "build_summary",
+    "flatten_metrics",
+    "log_report_to_mlflow",
+    "write_report",
+]
+
 EXPERIMENT_NAME = "couponflow-experiments"
-SUMMARY_NAME = "summary.json"
 # MLflow accepts at most 1000 metrics per log_batch call (mlflow.utils.validation).
 METRICS_PER_BATCH = 1000
 _METRIC_KEY_INVALID = re.compile(r"[^/\w.\- ]")
+Formatter = Callable[[float], str]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
@@ -65,18 +77,29 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>",
         f"<p>Generated {datetime.now(UTC).isoformat(timespec='seconds')}.</p>",
         _guard_box(result),
-        "<h2>Arms against the holdout</h2>",
-        _arms_table(result.arms),
-        _figure_tag(_lift_figure(result.arms), "Conversion lift per arm"),
-        _figure_tag(_profit_figure(result.arms), "Incremental profit per arm"),
+        "<h2>Guards</h2>",
+        _guards_table(result),
+        "<h2>Arms against the holdout: conversion</h2>",
+        _conversion_table(result.arms),
+        _figure_tag(figures.lift_figure(result.arms), "Conversion lift per arm"),
+        "<h2>Arms against the holdout: revenue, cost and profit</h2>",
+        _money_table(result.arms),
+        _paragraph(f"Decision rule: {result.decision_rule}"),
+        _figure_tag(figures.profit_figure(result.arms), "Incremental profit per arm"),
+        "<h2>Variance reduction (CUPED)</h2>",
+        _cuped_section(result),
+        "<h2>Stratified estimates</h2>",
+        _stratified_section(result),
+        "<h2>Daily monitoring</h2>",
+        _sequential_section(result),
         "<h2>Uplift model on the randomized comparison</h2>",
         _uplift_section(result),
         "<h2>Users</h2>",
         _users_table(result),
+        "<h2>Methods</h2>",
+        _list(_methods(result)),
         "<h2>Notes</h2>",
-        "<ul>"
-        + "".join(f"<li>{html.escape(note)}</li>" for note in result.notes)
-        + "</ul>",
+        _list(result.notes),
     ]
     for heading, frame in (extra_tables or {}).items():
         sections.append(f"<h2>{html.escape(heading)}</h2>")
@@ -100,36 +123,6 @@ def write_report(
     )
     log.info("wrote report %s and %s", html_path, summary_path)
     return html_path
-
-
-def build_summary(
-    result: ExperimentResult, title: str, report_name: str
-) -> dict[str, Any]:
-    """Return the machine-readable summary that the next campaign reads.
-
-    ``positive_profit_offers`` lists the arms whose incremental profit CI lower
-    bound is above 0, and is empty when the experiment is not trustworthy.
-    """
-    return {
-        "title": title,
-        "report": report_name,
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "trustworthy": result.trustworthy,
-        "sample_ratio_verdict": result.sample_ratio.verdict,
-        "positive_profit_offers": result.positive_profit_offers(),
-        "arms": [
-            {
-                "arm": arm.arm,
-                "verdict": arm.verdict,
-                "incremental_profit_cents": _interval_dict(
-                    arm.incremental_profit_cents
-                ),
-                "roi": arm.roi,
-            }
-            for arm in result.arms
-        ],
-        "result": result.to_dict(),
-    }
 
 
 def log_report_to_mlflow(
@@ -194,16 +187,18 @@ def log_report_to_mlflow(
 def flatten_metrics(result: ExperimentResult) -> dict[str, float]:
     """Return every finite number of the result under a dotted MLflow metric key.
 
-    Arms are keyed by arm name (``arms.<arm>.roi``), booleans become 0 or 1, and
-    the Qini curve points are left out.
+    Arms are keyed by arm name (``arms.<arm>.roi``) and CUPED comparisons by
+    metric (``arms.<arm>.cuped.profit.width_reduction``); booleans become 0 or 1.
+    The Qini curve points and the daily sequences (lists) are left out.
     """
     payload = result.to_dict()
-    payload.pop("arms")
+    arms = payload.pop("arms")
     payload["uplift"].pop("curve_fraction")
     payload["uplift"].pop("curve_gain")
     metrics = dict(_flatten("", payload))
-    for arm in result.to_dict()["arms"]:
+    for arm in arms:
         name = arm.pop("arm")
+        arm["cuped"] = {item["metric"]: item for item in arm["cuped"]}
         metrics.update(_flatten(f"arms.{name}", arm))
     return {_metric_key(key): value for key, value in metrics.items()}
 
@@ -242,12 +237,6 @@ def _experiment_id(client: Any, settings: Settings) -> str:
         return str(experiment.experiment_id)
 
 
-def _interval_dict(interval: Interval | None) -> dict[str, float] | None:
-    if interval is None:
-        return None
-    return {"estimate": interval.estimate, "low": interval.low, "high": interval.high}
-
-
 def _guard_box(result: ExperimentResult) -> str:
     check = result.sample_ratio
     status = "flagged" if check.flagged else "passed"
@@ -266,51 +255,294 @@ def _guard_box(result: ExperimentResult) -> str:
     )
 
 
-def _arms_table(arms: list[ArmResult]) -> str:
+def _guards_table(result: ExperimentResult) -> str:
+    srm = result.sample_ratio
+    rows = [
+        [
+            "sample ratio mismatch",
+            "flagged" if srm.flagged else "passed",
+            f"{srm.verdict}; chi-square {srm.chi_square:.2f}, flagged below "
+            f"p={srm.threshold:g}",
+        ]
+    ]
+    split = result.split_check
+    if split is None:
+        rows.append(["split change", "not checked", "no stratum column or send_at"])
+    else:
+        status = "flagged" if split.flagged else "passed"
+        if split.p_value is None:
+            status = "not checked"
+        rows.append(
+            [
+                "split change",
+                status,
+                f"{split.verdict}; flagged below p={SPLIT_P_THRESHOLD:g}",
+            ]
+        )
+    minimum = (
+        f"at least {MIN_USERS_PER_GROUP} users and {MIN_CONVERSIONS_PER_GROUP} "
+        "conversions"
+    )
+    if result.warnings:
+        rows.append(
+            [
+                "minimum sample",
+                "warning",
+                f"each group should have {minimum}: " + "; ".join(result.warnings),
+            ]
+        )
+    else:
+        rows.append(["minimum sample", "passed", f"every group has {minimum}"])
+    rows.append(
+        [
+            "Holm correction",
+            "applied",
+            f"across {result.holm_family_size} arms with a profit p-value; the "
+            "verdicts and decisions use the Holm-adjusted p-values",
+        ]
+    )
+    return _table(["guard", "status", "detail"], rows, text_columns={0, 1, 2})
+
+
+def _conversion_table(arms: list[ArmResult]) -> str:
     if not arms:
-        return (
-            "<p>No treatment user received a coupon, so there is no arm to report.</p>"
+        return _paragraph(
+            "No treatment user received a coupon, so there is no arm to report."
         )
     header = [
         "arm",
-        "users",
+        "exposures (users)",
         "control users",
+        "open rate",
+        "click rate",
+        "redemption rate",
         "conversion rate",
         "control rate",
-        "rate difference, percentage points [CI]",
+        "rate difference [CI]",
+        "relative lift [CI]",
+        "method",
+        "p-value",
+        "Holm p-value",
         "incremental conversions [CI]",
-        "revenue/user diff, cents [CI]",
-        "profit/user diff, cents [CI]",
-        "incremental profit [CI]",
-        "discount cost",
-        "ROI",
-        "redemption rate",
-        "control",
-        "verdict",
     ]
     rows = [
         [
             arm.arm,
             str(arm.treated.users),
             str(arm.control.users),
+            _percent(arm.treated.open_rate),
+            _percent(arm.treated.click_rate),
+            _percent(arm.treated.redemption_rate),
             _percent(arm.treated.conversion_rate),
             _percent(arm.control.conversion_rate),
             _interval_text(arm.conversion_rate_difference, _points),
-            _interval_text(arm.incremental_conversions, lambda v: f"{v:.1f}"),
-            _interval_text(
-                arm.incremental_revenue_per_user_cents, lambda v: f"{v:.1f}"
-            ),
-            _interval_text(arm.incremental_profit_per_user_cents, lambda v: f"{v:.1f}"),
-            _interval_text(arm.incremental_profit_cents, _money),
-            format_cents(arm.treated.discount_cost_cents),
-            "n/a" if arm.roi is None else f"{arm.roi:.2f}",
-            _percent(arm.treated.redemption_rate),
-            arm.control_source,
-            arm.verdict,
+            _interval_text(arm.conversion_relative_lift, _signed_percent),
+            arm.conversion_method or "n/a",
+            _p_value(arm.conversion_p_value),
+            _p_value(arm.conversion_p_value_holm),
+            _interval_text(arm.incremental_conversions, _one_decimal),
         ]
         for arm in arms
     ]
-    return _table(header, rows, text_columns={0, 13, 14})
+    parts = [_table(header, rows, text_columns={0, 10})]
+    reasons = sorted(
+        {
+            f"{name.replace('_', ' ')} is n/a: {reason}"
+            for arm in arms
+            for group in (arm.treated, arm.control)
+            for name, reason in group.reasons.items()
+        }
+    )
+    if reasons:
+        parts.append(_list(reasons))
+    return "\n".join(parts)
+
+
+def _money_table(arms: list[ArmResult]) -> str:
+    if not arms:
+        return ""
+    header = [
+        "arm",
+        "revenue/user (cents)",
+        "control revenue/user (cents)",
+        "revenue/user diff, cents [CI]",
+        "incremental revenue [CI]",
+        "revenue relative lift [CI]",
+        "discount cost",
+        "profit/user diff, cents [CI]",
+        "incremental profit [CI]",
+        "method",
+        "p-value",
+        "Holm p-value",
+        "ROI [CI]",
+        "decision",
+        "verdict",
+        "control",
+    ]
+    rows = [
+        [
+            arm.arm,
+            _optional(arm.treated.revenue_per_user_cents, _one_decimal),
+            _optional(arm.control.revenue_per_user_cents, _one_decimal),
+            _interval_text(arm.incremental_revenue_per_user_cents, _one_decimal),
+            _interval_text(arm.incremental_revenue_cents, _money),
+            _interval_text(arm.revenue_relative_lift, _signed_percent),
+            format_cents(arm.treated.discount_cost_cents),
+            _interval_text(arm.incremental_profit_per_user_cents, _one_decimal),
+            _interval_text(arm.incremental_profit_cents, _money),
+            arm.profit_method or "n/a",
+            _p_value(arm.profit_p_value),
+            _p_value(arm.profit_p_value_holm),
+            _interval_text(arm.roi_interval, _two_decimals),
+            arm.decision,
+            arm.verdict,
+            arm.control_source,
+        ]
+        for arm in arms
+    ]
+    return _table(header, rows, text_columns={0, 9, 13, 14, 15})
+
+
+def _cuped_section(result: ExperimentResult) -> str:
+    if result.covariate_source is None:
+        return _paragraph(
+            "No pre-period covariate (pre_spend_cents) was given, so CUPED was not "
+            "applied and the intervals are plain Welch intervals."
+        )
+    header = [
+        "arm",
+        "metric",
+        "theta",
+        "CI without CUPED (cents/user)",
+        "width without",
+        "CI with CUPED (cents/user)",
+        "width with",
+        "width reduction",
+    ]
+    rows = [
+        [
+            arm.arm,
+            item.metric,
+            f"{item.theta:.4g}",
+            _interval_text(item.unadjusted, _one_decimal),
+            f"{item.unadjusted.width:.1f}",
+            _interval_text(item.adjusted, _one_decimal),
+            f"{item.adjusted.width:.1f}",
+            f"{100.0 * item.width_reduction:.1f}%",
+        ]
+        for arm in result.arms
+        for item in arm.cuped
+    ]
+    intro = _paragraph(
+        f"Covariate: pre_spend_cents from the {result.covariate_source}; theta is "
+        "estimated on the treated and control users of each arm pooled."
+    )
+    return intro + "\n" + _table(header, rows, text_columns={0, 1})
+
+
+def _stratified_section(result: ExperimentResult) -> str:
+    split = result.split_check
+    if split is None:
+        return _paragraph(
+            "No stratum column and no send_at in the allocation, so no stratified "
+            "estimate was made."
+        )
+    strata_rows = [
+        [stratum, str(split.users_by_stratum[stratum]), _percent(share)]
+        for stratum, share in split.holdout_share_by_stratum.items()
+    ]
+    parts = [
+        _paragraph(f"Strata: {split.stratum_source}. Split check: {split.verdict}."),
+        _table(["stratum", "users", "holdout share"], strata_rows, text_columns={0}),
+    ]
+    arm_rows = []
+    for arm in result.arms:
+        if arm.stratified_profit is None and arm.stratified_conversion is None:
+            continue
+        conversion = arm.stratified_conversion
+        profit = arm.stratified_profit
+        arm_rows.append(
+            [
+                arm.arm,
+                _interval_text(
+                    arm.conversion_test.interval if arm.conversion_test else None,
+                    _points,
+                ),
+                _interval_text(conversion.comparison.interval, _points)
+                if conversion
+                else "n/a",
+                _interval_text(profit.comparison.interval, _one_decimal)
+                if profit
+                else "n/a",
+                str(profit.strata_used) if profit else "n/a",
+                str(profit.users_left_out) if profit else "n/a",
+                "stratified" if split.flagged else "pooled",
+            ]
+        )
+    if arm_rows:
+        header = [
+            "arm",
+            "pooled rate difference [CI]",
+            "stratified rate difference [CI]",
+            "stratified profit/user diff, cents [CI]",
+            "strata used",
+            "users left out",
+            "primary",
+        ]
+        parts.append(_table(header, arm_rows, text_columns={0, 6}))
+    return "\n".join(parts)
+
+
+def _sequential_section(result: ExperimentResult) -> str:
+    if not result.sequential:
+        reason = result.sequential_reason or "no arm to follow"
+        return _paragraph(
+            f"No daily table and no cumulative incremental profit over time: {reason}."
+        )
+    parts = [
+        _paragraph(
+            "Cumulative by UTC day of observed_at. The confidence sequence covers the "
+            "true effect at every day at once with probability "
+            f"{1.0 - result.alpha:.0%}, so it may be read daily; the fixed interval "
+            "is valid for one pre-planned look only."
+        ),
+        _figure_tag(
+            figures.cumulative_profit_figure(result),
+            "Cumulative incremental profit over time",
+        ),
+    ]
+    header = [
+        "arm",
+        "metric",
+        "day",
+        "treated users",
+        "control users",
+        "estimate",
+        "fixed CI",
+        "confidence sequence",
+        "anytime p-value",
+    ]
+    rows = []
+    for sequence in result.sequential:
+        formatter = (
+            _points if sequence.metric.startswith("conversion") else _one_decimal
+        )
+        for look in sequence.looks:
+            rows.append(
+                [
+                    sequence.arm,
+                    sequence.metric.replace("_", " "),
+                    look.look,
+                    str(look.treated_users),
+                    str(look.control_users),
+                    _optional(look.estimate, formatter),
+                    _bounds_text(look.fixed_low, look.fixed_high, formatter),
+                    _bounds_text(look.sequence_low, look.sequence_high, formatter),
+                    _p_value(look.anytime_p_value),
+                ]
+            )
+    parts.append(_table(header, rows, text_columns={0, 1, 2}))
+    return "\n".join(parts)
 
 
 def _uplift_section(result: ExperimentResult) -> str:
@@ -328,8 +560,9 @@ def _uplift_section(result: ExperimentResult) -> str:
     ]
     rows += [[f"{name} missing", reason] for name, reason in uplift.reasons.items()]
     parts = [_table(["metric", "value"], rows, text_columns={0, 1})]
-    if uplift.curve_fraction:
-        parts.append(_figure_tag(_qini_figure(result), "Qini curve"))
+    figure = figures.qini_figure(result)
+    if figure is not None:
+        parts.append(_figure_tag(figure, "Qini curve"))
     return "\n".join(parts)
 
 
@@ -348,87 +581,36 @@ def _users_table(result: ExperimentResult) -> str:
     return _table(["group", "users"], rows, text_columns={0})
 
 
-def _lift_figure(arms: list[ArmResult]) -> Figure | None:
-    plotted = [arm for arm in arms if arm.conversion_rate_difference is not None]
-    if not plotted:
-        return None
-    figure, axes = _new_figure(len(plotted))
-    for position, arm in enumerate(plotted):
-        interval = arm.conversion_rate_difference
-        assert interval is not None
-        _draw_interval(axes, position, interval, scale=100.0)
-    axes.set_yticks(range(len(plotted)), [arm.arm for arm in plotted])
-    axes.set_xlabel("conversion rate difference vs holdout (percentage points)")
-    axes.set_title("Conversion lift per arm with CI")
-    return figure
-
-
-def _profit_figure(arms: list[ArmResult]) -> Figure | None:
-    plotted = [arm for arm in arms if arm.incremental_profit_cents is not None]
-    if not plotted:
-        return None
-    figure, axes = _new_figure(len(plotted))
-    for position, arm in enumerate(plotted):
-        interval = arm.incremental_profit_cents
-        assert interval is not None
-        _draw_interval(axes, position, interval, scale=1.0)
-    axes.set_yticks(range(len(plotted)), [arm.arm for arm in plotted])
-    axes.set_xlabel("incremental profit (cents, total over the arm's users)")
-    axes.set_title("Incremental profit per arm with CI")
-    return figure
-
-
-def _qini_figure(result: ExperimentResult) -> Figure:
-    uplift = result.uplift
-    figure = Figure(figsize=(6.0, 4.0))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot(uplift.curve_fraction, uplift.curve_gain, label="model")
-    axes.plot(
-        [0.0, uplift.curve_fraction[-1]],
-        [0.0, uplift.curve_gain[-1]],
-        linestyle="--",
-        color="grey",
-        label="random targeting",
-    )
-    axes.set_xlabel("fraction of users targeted, by descending score")
-    axes.set_ylabel("incremental conversions per treated user")
-    axes.set_title("Qini curve of score_uplift")
-    axes.legend()
-    return figure
-
-
-def _new_figure(rows: int) -> tuple[Figure, Any]:
-    figure = Figure(figsize=(7.0, 1.2 + 0.5 * rows))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.axvline(0.0, color="grey", linewidth=1)
-    # First arm on top, with half a row of margin above and below.
-    axes.set_ylim(rows - 0.5, -0.5)
-    figure.subplots_adjust(left=0.25)
-    return figure, axes
-
-
-def _draw_interval(axes: Any, position: int, interval: Interval, scale: float) -> None:
-    estimate = interval.estimate * scale
-    color = "#555555"
-    if interval.low > 0:
-        color = "#34a853"
-    elif interval.high < 0:
-        color = "#d93025"
-    axes.errorbar(
-        [estimate],
-        [position],
-        xerr=[[estimate - interval.low * scale], [interval.high * scale - estimate]],
-        fmt="o",
-        color=color,
-        capsize=4,
-    )
+def _methods(result: ExperimentResult) -> list[str]:
+    level = f"{1.0 - result.alpha:.0%}"
+    return [
+        f"Intervals are {level} and p-values two-sided.",
+        "Conversion rate differences: when every expected cell count of the 2x2 "
+        f"table is at least {EXACT_EXPECTED_CELL_MIN:g}, the "
+        f"{PROPORTION_METHODS['newcombe-wilson']}; otherwise "
+        f"{PROPORTION_METHODS['exact']}, whose coverage is at least {level}.",
+        "Revenue and profit per user: Welch's t interval, on CUPED-adjusted values "
+        "when pre_spend_cents is given. Totals are per-user values times the arm's "
+        "treated users.",
+        "ROI (incremental profit / discount cost) and relative lifts: delta method "
+        "(first-order Taylor expansion of the ratio), normal interval.",
+        "Stratified estimates: differences within each stratum, averaged with "
+        "Mantel-Haenszel weights n_t n_c / (n_t + n_c); they are the primary "
+        "estimates when the holdout share changed across strata (chi-square test "
+        f"of homogeneity, p < {SPLIT_P_THRESHOLD:g}).",
+        "Holm's step-down correction across arms, separately for conversion and "
+        "profit p-values.",
+        "Daily monitoring: asymptotic confidence sequence with the normal-mixture "
+        "boundary (Waudby-Smith et al., Time-uniform central limit theory and "
+        "asymptotic confidence sequences), tuned to be tightest at the final "
+        "number of users.",
+        f"Decision rule: {result.decision_rule}",
+    ]
 
 
 def _figure_tag(figure: Figure | None, alt: str) -> str:
     if figure is None:
-        return f"<p>{html.escape(alt)}: no arm has a defined interval to plot.</p>"
+        return _paragraph(f"{alt}: no arm has a defined interval to plot.")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -448,7 +630,15 @@ def _table(header: list[str], rows: list[list[str]], text_columns: set[int]) -> 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _interval_text(interval: Interval | None, formatter: Any) -> str:
+def _paragraph(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>"
+
+
+def _list(items: list[str]) -> str:
+    return "<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
+
+
+def _interval_text(interval: Interval | None, formatter: Formatter) -> str:
     if interval is None:
         return "n/a"
     return (
@@ -457,17 +647,43 @@ def _interval_text(interval: Interval | None, formatter: Any) -> str:
     )
 
 
+def _bounds_text(low: float | None, high: float | None, formatter: Formatter) -> str:
+    if low is None or high is None:
+        return "n/a"
+    return f"[{formatter(low)}, {formatter(high)}]"
+
+
+def _optional(value: float | None, formatter: Formatter) -> str:
+    return "n/a" if value is None else formatter(value)
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100.0 * value:.2f}%"
+
+
+def _signed_percent(value: float) -> str:
+    return f"{100.0 * value:+.1f}%"
 
 
 def _points(value: float) -> str:
     return f"{100.0 * value:+.2f} pp"
 
 
+def _p_value(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
 def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def _one_decimal(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _two_decimals(value: float) -> str:
+    return f"{value:.2f}"
+
+
 def _money(cents: float) -> str:
-    return format_cents(round(cents))
+    return format_cents(round(cents)) if math.isfinite(cents) else "n/a"

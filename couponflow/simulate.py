@@ -63,10 +63,25 @@ TOPUP_BAND = 0.3
 BASKET_ITEMS = 3
 # Logit gain per unit of expected discount share, scaled by price sensitivity.
 GAIN_PER_DEPTH = 6.0
-# Logit gain of being reminded of the store, scaled by the category match.
+# Logit gain of being reminded of the store, scaled by the chance that the coupon
+# is redeemable, so that a coupon nobody can use is no free reminder.
 REMINDER_GAIN = 0.15
 # Shoppers value free shipping above its cost in cents.
 FREE_SHIPPING_PREMIUM = 1.5
+
+# Messages. A coupon persuades only as far as its message gets attention: the logit
+# effect of a coupon (gain minus aversion) is multiplied by the attention of the
+# channel and send hour. The discount applies at checkout whether or not the
+# message was read. Attention is min(1, CHANNEL_ATTENTION * reach) * timing, where
+# reach is the user's relative reach on the channel (engagement for email, app
+# users for push, 1 for SMS) and timing falls from 1 at the user's usual hour to
+# OFF_HOURS_ATTENTION far from it.
+CHANNEL_ATTENTION = {"email": 0.7, "push": 0.5, "sms": 0.6}
+APP_USER_SHARE = 0.45
+PUSH_REACH_APP_USER = 2.0
+PUSH_REACH_OTHER = 0.2
+OFF_HOURS_ATTENTION = 0.4
+# Open rate of a message at reach 1 and the usual hour, per channel.
 OPEN_RATE = {"email": 0.22, "push": 0.10, "sms": 0.35}
 CLICK_GIVEN_OPEN = 0.30
 
@@ -89,7 +104,9 @@ MEAN_DWELL_SECONDS = (35.0, 20.0, 12.0, 60.0, 90.0)
 REGIONS = ("north", "south", "east", "west", "central")
 REGION_WEIGHTS = (0.2, 0.25, 0.2, 0.2, 0.15)
 DEVICES = ("mobile", "desktop", "tablet")
-DEVICE_WEIGHTS = (0.6, 0.3, 0.1)
+# Device weights of app users and of the others: about 60% mobile overall.
+APP_USER_DEVICE_WEIGHTS = (0.85, 0.0, 0.15)
+OTHER_DEVICE_WEIGHTS = (0.4, 0.45, 0.15)
 
 # coupon_id, kind, value, min_spend_cents, category, valid_days, stock per user,
 # channels. Value is cents for amount_off and free_shipping, basis points for
@@ -296,14 +313,7 @@ def respond(
     and skips the check of its validity dates.
     Returns a frame in the outcomes contract, in the order of ``assignments``.
     """
-    if isinstance(world_or_latent, pd.DataFrame):
-        latent = world_or_latent
-        coupons = coupon_catalogue(DEFAULT_START, DEFAULT_START, 1)
-        check_validity = False
-    else:
-        latent = world_or_latent.latent
-        coupons = world_or_latent.coupons
-        check_validity = True
+    latent, coupons, check_validity = _latent_and_coupons(world_or_latent)
     frame = _validated_assignments(assignments, latent, coupons, check_validity)
     response = _compute_response(latent, coupons)
     # NOTE: coupon stock is not enforced, so every assigned coupon can be redeemed.
@@ -313,6 +323,46 @@ def respond(
     outcomes = _draw_outcomes(rng, latent, response, frame, campaign_id)
     log.info("drew outcomes of campaign %s for %s users", campaign_id, len(outcomes))
     return outcomes
+
+
+def expected_response(
+    world_or_latent: World | WorldTruth | pd.DataFrame, assignments: pd.DataFrame
+) -> pd.DataFrame:
+    """Return the true expected outcome of each assignment, for evaluation.
+
+    ``assignments`` has the columns of :func:`respond` (user_id, arm, channel,
+    send_at), but a user may have several rows, for example one per arm to compare.
+    The result has TRUTH_COLUMNS, with the arm as coupon_id, then channel and
+    send_at, in the order of ``assignments``. Sending each coupon by its first listed
+    channel at the user's usual hour gives the values of ``World.truth``. Raises
+    like :func:`respond` on unknown users, arms, channels or dates.
+    """
+    latent, coupons, check_validity = _latent_and_coupons(world_or_latent)
+    frame = _validated_assignments(
+        assignments, latent, coupons, check_validity, unique_users=False
+    )
+    response = _compute_response(latent, coupons)
+    user = pd.Index(latent["user_id"].astype(str)).get_indexer(
+        pd.Index(frame["user_id"])
+    )
+    arm = pd.Index(response.arms).get_indexer(pd.Index(frame["arm"]))
+    channel = frame["channel"].to_numpy(dtype=object)
+    p = _row_conversion(
+        latent, response, user, arm, channel, _send_hours(frame["send_at"])
+    )
+    result = pd.DataFrame(
+        {
+            "user_id": frame["user_id"].astype("string"),
+            "coupon_id": frame["arm"].astype("string"),
+            "p_convert": p,
+            "expected_revenue_cents": p * response.revenue_given_conversion[user, arm],
+            "expected_discount_cents": p
+            * response.discount_given_conversion[user, arm],
+            "channel": frame["channel"].astype("string"),
+            "send_at": frame["send_at"],
+        }
+    )
+    return result
 
 
 def write_world(settings: Settings, world: World) -> dict[str, list[Path]]:
@@ -371,6 +421,18 @@ def load_world_truth(settings: Settings) -> WorldTruth:
     )
 
 
+def _latent_and_coupons(
+    world_or_latent: World | WorldTruth | pd.DataFrame,
+) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
+    """Return the latent frame, the catalogue and whether to check coupon dates.
+
+    A bare latent frame uses the default catalogue, whose dates are not checked.
+    """
+    if isinstance(world_or_latent, pd.DataFrame):
+        return world_or_latent, coupon_catalogue(DEFAULT_START, DEFAULT_START, 1), False
+    return world_or_latent.latent, world_or_latent.coupons, True
+
+
 # --- latent parameters and users -------------------------------------------------
 
 
@@ -399,6 +461,8 @@ def _draw_latent(rng: np.random.Generator, n_users: int) -> pd.DataFrame:
     # Purchase sessions are Poisson with rate sessions * purchase_prob per day, so
     # this is the chance of at least one purchase in the attribution window.
     p0 = 1.0 - np.exp(-ATTRIBUTION_DAYS * sessions_per_day * purchase_prob)
+    # Drawn last, so that the traits above stay those of earlier versions.
+    app_user = rng.random(n) < APP_USER_SHARE
 
     latent = pd.DataFrame(
         {
@@ -415,6 +479,7 @@ def _draw_latent(rng: np.random.Generator, n_users: int) -> pd.DataFrame:
             "topup_prob": 0.2 + 0.6 * price_sensitivity,
             "engagement": engagement,
             "p0": p0,
+            "app_user": app_user,
         }
     )
     return latent
@@ -435,6 +500,11 @@ def _draw_users(
     offset_old = -rng.uniform(86_400.0, 1_000 * 86_400.0, n)
     offset_s = np.floor(np.where(is_new, offset_new, offset_old)).astype(np.int64)
     signup = start + pd.to_timedelta(offset_s, unit="s")
+    device_weights = np.where(
+        latent["app_user"].to_numpy()[:, None],
+        np.array(APP_USER_DEVICE_WEIGHTS),
+        np.array(OTHER_DEVICE_WEIGHTS),
+    )
     users = pd.DataFrame(
         {
             "user_id": latent["user_id"],
@@ -442,9 +512,7 @@ def _draw_users(
             "region": np.array(REGIONS)[
                 rng.choice(len(REGIONS), size=n, p=REGION_WEIGHTS)
             ],
-            "device": np.array(DEVICES)[
-                rng.choice(len(DEVICES), size=n, p=DEVICE_WEIGHTS)
-            ],
+            "device": np.array(DEVICES)[_sample_rows(rng, device_weights)],
         }
     )
     return coerce(users, USERS)
@@ -658,9 +726,16 @@ def _prefixed_ids(prefix: str, n: int) -> npt.NDArray[np.object_]:
 
 @dataclass(frozen=True)
 class _Response:
-    """Per-(user, arm) response arrays. Arm 0 is control, then come the coupons."""
+    """Per-(user, arm) response arrays. Arm 0 is control, then come the coupons.
+
+    ``effect`` is the logit effect of a coupon when its message gets full attention,
+    and ``p_convert`` the conversion when each coupon is sent by its first listed
+    channel at the user's usual hour.
+    """
 
     arms: list[str]
+    p0: FloatArray
+    effect: FloatArray
     p_convert: FloatArray
     revenue_given_conversion: FloatArray
     discount_given_conversion: FloatArray
@@ -695,21 +770,31 @@ def _compute_response(latent: pd.DataFrame, coupons: pd.DataFrame) -> _Response:
         is_percent, value[None, :] / 10_000.0 * redeemed_basket, value[None, :] * redeem
     )
 
-    # Conversion: the perceived discount share raises the logit, scaled by price
-    # sensitivity. Sure things buy anyway, and aversion lowers the logit.
+    # Effect at full attention: the perceived discount share raises the logit,
+    # scaled by price sensitivity. Sure things buy anyway, and aversion lowers the
+    # logit.
     perceived = np.where(
         (kind == "free_shipping")[None, :], FREE_SHIPPING_PREMIUM, 1.0
     ) * (discount / mean_basket)
-    gain = GAIN_PER_DEPTH * sensitivity * perceived + REMINDER_GAIN * match
+    gain = GAIN_PER_DEPTH * sensitivity * perceived + REMINDER_GAIN * redeem
     gain = np.where(latent["sure_thing"].to_numpy()[:, None], 0.0, gain)
+    effect = gain - latent["coupon_aversion"].to_numpy()[:, None]
     p0 = np.clip(latent["p0"].to_numpy(), 1e-9, 1 - 1e-9)
-    p1 = expit(
-        logit(p0)[:, None] + gain - latent["coupon_aversion"].to_numpy()[:, None]
-    )
 
-    n = len(latent)
+    n, k = len(latent), len(coupons)
+    first_channels = [str(c).split(",")[0].strip() for c in coupons["channels"]]
+    usual_hour = _usual_send_hour(latent).astype(np.float64)
+    attention = np.empty((n, k))
+    for j, channel in enumerate(first_channels):
+        attention[:, j] = _attention(
+            latent, np.arange(n), np.full(n, channel, dtype=object), usual_hour
+        )
+    p1 = expit(logit(p0)[:, None] + attention * effect)
+
     return _Response(
         arms=[CONTROL_ARM, *coupons["coupon_id"].astype(str)],
+        p0=p0,
+        effect=np.column_stack([np.zeros(n), effect]),
         p_convert=np.column_stack([p0, p1]),
         revenue_given_conversion=np.column_stack([mean_basket[:, 0], revenue]),
         discount_given_conversion=np.column_stack([np.zeros(n), discount]),
@@ -718,6 +803,81 @@ def _compute_response(latent: pd.DataFrame, coupons: pd.DataFrame) -> _Response:
         value=np.concatenate([[0], value]).astype(np.int64),
         min_spend=np.concatenate([[0], min_spend]).astype(np.int64),
     )
+
+
+def _row_conversion(
+    latent: pd.DataFrame,
+    response: _Response,
+    user: IntArray,
+    arm: IntArray,
+    channel: npt.NDArray[np.object_],
+    send_hour: FloatArray,
+) -> FloatArray:
+    """Return P(convert) of each (user, arm) row sent by ``channel`` at ``send_hour``.
+
+    Control rows get no message, so their channel and hour do not matter.
+    """
+    treated = arm > 0
+    p = response.p0[user].copy()
+    rows = np.flatnonzero(treated)
+    if rows.size:
+        attention = _attention(latent, user[rows], channel[rows], send_hour[rows])
+        effect = response.effect[user[rows], arm[rows]]
+        p[rows] = expit(logit(response.p0[user[rows]]) + attention * effect)
+    return p
+
+
+def _attention(
+    latent: pd.DataFrame,
+    user: IntArray,
+    channel: npt.NDArray[np.object_],
+    send_hour: FloatArray,
+) -> FloatArray:
+    """Return the share of a coupon's effect that its message delivers, per row."""
+    unknown = sorted(set(channel) - set(CHANNEL_ATTENTION))
+    if unknown:
+        raise ValueError(
+            f"unknown channels {unknown}; the simulator models "
+            f"{sorted(CHANNEL_ATTENTION)}"
+        )
+    base = pd.Series(channel).map(CHANNEL_ATTENTION).to_numpy(np.float64)
+    reach = _reach(latent, user, channel)
+    return np.minimum(1.0, base * reach) * _timing(latent, user, send_hour)
+
+
+def _reach(
+    latent: pd.DataFrame, user: IntArray, channel: npt.NDArray[np.object_]
+) -> FloatArray:
+    """Return each user's reach on the row's channel, relative to a typical user."""
+    engagement = latent["engagement"].to_numpy(np.float64)[user]
+    app_user = latent["app_user"].to_numpy(bool)[user]
+    push = np.where(app_user, PUSH_REACH_APP_USER, PUSH_REACH_OTHER)
+    return np.select([channel == "email", channel == "push"], [engagement, push], 1.0)
+
+
+def _timing(latent: pd.DataFrame, user: IntArray, send_hour: FloatArray) -> FloatArray:
+    """Return 1 at the user's usual hour, falling to OFF_HOURS_ATTENTION far from it.
+
+    The fall is Gaussian in the hours between the send hour and the usual hour on
+    the 24-hour clock, with the user's hour spread as its standard deviation.
+    """
+    gap = np.abs(send_hour - latent["pref_hour"].to_numpy(np.float64)[user]) % 24.0
+    gap = np.minimum(gap, 24.0 - gap)
+    spread = latent["hour_spread"].to_numpy(np.float64)[user]
+    closeness = np.exp(-0.5 * (gap / spread) ** 2)
+    return OFF_HOURS_ATTENTION + (1.0 - OFF_HOURS_ATTENTION) * closeness
+
+
+def _usual_send_hour(latent: pd.DataFrame) -> IntArray:
+    """Return each user's usual hour, rounded to a whole UTC hour."""
+    return np.round(latent["pref_hour"].to_numpy()).astype(np.int64) % 24
+
+
+def _send_hours(send_at: pd.Series) -> FloatArray:
+    """Return the UTC hour of day of each send time, with minutes as a fraction."""
+    stamps = pd.DatetimeIndex(pd.to_datetime(send_at, utc=True))
+    seconds = stamps.hour * 3_600 + stamps.minute * 60 + stamps.second
+    return np.asarray(seconds, dtype=np.float64) / 3_600.0
 
 
 def _check_catalogue(coupons: pd.DataFrame) -> None:
@@ -810,7 +970,7 @@ def _draw_past_exposures(
         [c + [""] * (len(CHANNELS) - len(c)) for c in channel_lists], dtype=object
     )
     pick = (rng.random(n) * n_channels[arm_position]).astype(np.int64)
-    hour = np.round(latent["pref_hour"].to_numpy()).astype(np.int64) % 24
+    hour = _usual_send_hour(latent)
     exposures = pd.DataFrame(
         {
             "campaign_id": PAST_CAMPAIGN_ID,
@@ -843,10 +1003,13 @@ def _draw_outcomes(
     k = len(user)
     u_convert, u_eligible, u_topup, u_open, u_click, u_visit = rng.random((6, k))
     z = rng.standard_normal(k)
+    channel = assignments["channel"].astype(str).to_numpy(dtype=object)
+    send_hour = _send_hours(assignments["send_at"])
 
     # Conversion, then the order's basket, top-up to min_spend and redemption.
     treated = arm > 0
-    converted = u_convert < response.p_convert[user, arm]
+    p_convert = _row_conversion(latent, response, user, arm, channel, send_hour)
+    converted = u_convert < p_convert
     mean_basket = latent["basket_cents"].to_numpy(np.float64)[user]
     basket = mean_basket * np.exp(ORDER_LOG_SIGMA * z - ORDER_LOG_SIGMA**2 / 2)
     min_spend = response.min_spend[arm]
@@ -867,9 +1030,14 @@ def _draw_outcomes(
     discount = np.where(redeemed, discount, 0).astype(np.int64)
 
     # Message funnel. Control users get no message, so they never open one.
-    channel = assignments["channel"].astype(str).to_numpy()
-    open_rate = np.array([OPEN_RATE.get(c, 0.0) for c in channel])
-    open_rate = np.minimum(1.0, open_rate * latent["engagement"].to_numpy()[user])
+    open_rate = np.zeros(k)
+    rows = np.flatnonzero(treated)
+    open_rate[rows] = np.minimum(
+        1.0,
+        pd.Series(channel[rows]).map(OPEN_RATE).to_numpy(np.float64)
+        * _reach(latent, user[rows], channel[rows])
+        * _timing(latent, user[rows], send_hour[rows]),
+    )
     opened = treated & (u_open < open_rate)
     clicked = opened & (u_click < CLICK_GIVEN_OPEN)
     visit_rate = 1.0 - np.exp(
@@ -900,6 +1068,7 @@ def _validated_assignments(
     latent: pd.DataFrame,
     coupons: pd.DataFrame,
     check_validity: bool,
+    unique_users: bool = True,
 ) -> pd.DataFrame:
     required = ["user_id", "arm", "channel", "send_at"]
     missing = [c for c in required if c not in assignments.columns]
@@ -918,7 +1087,7 @@ def _validated_assignments(
     frame["send_at"] = send_at.dt.tz_convert("UTC")
 
     duplicated = frame.loc[frame["user_id"].duplicated(), "user_id"]
-    if not duplicated.empty:
+    if unique_users and not duplicated.empty:
         raise ValueError(
             "assignments: users appear more than once, e.g. "
             f"{duplicated.iloc[:5].tolist()}"

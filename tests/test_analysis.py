@@ -1,4 +1,4 @@
-"""Tests of the experiment analysis: intervals, sample-ratio guard, arms, IPW."""
+"""Tests of the experiment analysis: intervals, guards, CUPED, strata, arms, IPW."""
 
 from __future__ import annotations
 
@@ -14,14 +14,27 @@ from scipy import stats
 from couponflow.analysis import (
     analyze_experiment,
     check_sample_ratio,
+    compare_proportions,
+    compare_with_cuped,
+    fisher_exact_p_value,
+    holm_adjust,
     ipw_policy_lift,
     ipw_policy_value,
     newcombe_difference,
     self_normalized_ipw_policy_value,
+    stratified_difference,
     welch_difference,
     wilson_interval,
 )
 from couponflow.analysis.experiment import SRM_WITHHELD
+from couponflow.analysis.guards import MIN_USERS_PER_GROUP
+from couponflow.analysis.stats import (
+    METHOD_EXACT,
+    METHOD_SCORE,
+    clopper_pearson_interval,
+    ratio_interval,
+    relative_lift_interval,
+)
 from couponflow.settings import Settings
 
 # Changes an (allocation, outcomes) pair into an invalid one.
@@ -525,3 +538,421 @@ class TestIpwHillstrom:
             np.full(len(test), "mens"), test["arm"], propensity, test["visit"]
         )
         assert value.value >= mens_only.value - 2 * value.stderr
+
+
+def make_daily_experiment(
+    days: int = 4,
+    users_per_day: int = 2_000,
+    holdout_shares: tuple[float, ...] | None = None,
+    day_rate_shift: tuple[float, ...] | None = None,
+    seed: int = SEED,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Build an experiment sent over several days, with a pre-period spend.
+
+    One arm, C10, adds 0.05 to conversion at a 300-cent discount per conversion.
+    ``day_rate_shift`` adds a per-day amount to every user's conversion rate.
+    """
+    rng = np.random.default_rng(seed)
+    shares = np.array(holdout_shares or (0.5,) * days)
+    shift = np.array(day_rate_shift or (0.0,) * days)
+    day = np.repeat(np.arange(days), users_per_day)
+    n = day.size
+    holdout = rng.random(n) < shares[day]
+    pre_spend = rng.gamma(2.0, 2_000.0, n)
+    rate = 0.05 + shift[day] + np.where(holdout, 0.0, 0.05)
+    converted = rng.random(n) < rate
+    # Basket grows with past spend, so the covariate predicts revenue.
+    basket = 2_000.0 + 0.5 * pre_spend
+    revenue = np.where(converted, np.round(basket), 0).astype(np.int64)
+    discount = np.where(converted & ~holdout, 300, 0).astype(np.int64)
+    send_at = pd.Timestamp("2024-06-01", tz="UTC") + pd.to_timedelta(day, unit="D")
+    user_id = [f"u{i}" for i in range(n)]
+    allocation = pd.DataFrame(
+        {
+            "user_id": user_id,
+            "group_name": np.where(holdout, "holdout", "treatment"),
+            "arm": np.where(holdout, "control", "C10"),
+            "policy_arm": "C10",
+            "propensity": 1.0 - shares[day],
+            "score_uplift": rng.normal(0.0, 0.05, n),
+            "expected_cost_cents": np.where(holdout, 0, 15),
+            "send_at": send_at,
+            "pre_spend_cents": np.round(pre_spend).astype(np.int64),
+        }
+    )
+    outcomes = pd.DataFrame(
+        {
+            "campaign_id": "c1",
+            "user_id": user_id,
+            "observed_at": send_at + pd.Timedelta(days=7),
+            "converted": converted,
+            "redeemed": converted & ~holdout,
+            "revenue_cents": revenue,
+            "discount_cents": discount,
+        }
+    )
+    return allocation, outcomes
+
+
+class TestSmallCounts:
+    def test_fisher_zero_against_five(self) -> None:
+        assert fisher_exact_p_value(0, 500, 5, 500) == pytest.approx(0.062, abs=1e-3)
+
+    def test_zero_against_five_uses_exact(self) -> None:
+        comparison = compare_proportions(0, 500, 5, 500)
+        assert comparison.method == METHOD_EXACT
+        assert comparison.min_expected_cell == pytest.approx(2.5)
+        assert comparison.p_value == pytest.approx(0.062, abs=1e-3)
+        assert comparison.interval.estimate == pytest.approx(-0.01)
+        # Consistent with Fisher's test: the interval contains 0.
+        assert comparison.interval.low < 0.0 < comparison.interval.high
+
+    def test_no_conversions_give_zero_and_p_one(self) -> None:
+        comparison = compare_proportions(0, 500, 0, 500)
+        assert comparison.interval.estimate == 0.0
+        assert comparison.p_value == 1.0
+        assert comparison.interval.low < 0.0 < comparison.interval.high
+
+    @pytest.mark.parametrize(
+        ("counts", "method"),
+        [
+            ((5, 100, 5, 100), METHOD_SCORE),
+            ((4, 100, 5, 100), METHOD_EXACT),
+            ((95, 100, 96, 100), METHOD_EXACT),
+            ((50, 100, 60, 100), METHOD_SCORE),
+        ],
+    )
+    def test_expected_cell_rule(
+        self, counts: tuple[int, int, int, int], method: str
+    ) -> None:
+        assert compare_proportions(*counts).method == method
+
+    def test_clopper_pearson_matches_scipy(self) -> None:
+        interval = clopper_pearson_interval(3, 10)
+        expected = stats.binomtest(3, 10).proportion_ci(0.95, method="exact")
+        assert interval.low == pytest.approx(expected.low)
+        assert interval.high == pytest.approx(expected.high)
+
+    def test_exact_difference_bonferroni_bounds(self) -> None:
+        a = clopper_pearson_interval(2, 40, alpha=0.025)
+        b = clopper_pearson_interval(7, 50, alpha=0.025)
+        interval = compare_proportions(2, 40, 7, 50).interval
+        assert interval.low == pytest.approx(a.low - b.high)
+        assert interval.high == pytest.approx(a.high - b.low)
+
+    def test_score_p_value_is_chi_square(self) -> None:
+        comparison = compare_proportions(50, 500, 80, 500)
+        table = [[50, 450], [80, 420]]
+        expected = stats.chi2_contingency(table, correction=False).pvalue
+        assert comparison.method == METHOD_SCORE
+        assert comparison.p_value == pytest.approx(expected)
+
+    def test_analysis_without_conversions_has_no_nan(self) -> None:
+        allocation, outcomes = make_experiment(users_per_arm=250)
+        outcomes = outcomes.assign(
+            converted=False, redeemed=False, revenue_cents=0, discount_cents=0
+        )
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        assert_no_nan(result.to_dict())
+        for arm in result.arms:
+            assert arm.conversion_rate_difference is not None
+            assert arm.conversion_rate_difference.estimate == 0.0
+            assert arm.conversion_p_value == 1.0
+            assert arm.conversion_method == METHOD_EXACT
+            assert arm.profit_p_value == 1.0
+            assert arm.conversion_relative_lift is None
+            assert "control mean is 0" in arm.reasons["conversion_relative_lift"]
+            assert arm.verdict.startswith("inconclusive")
+
+
+class TestRatiosAndHolm:
+    def test_holm_adjusts_in_input_order(self) -> None:
+        adjusted = holm_adjust([0.01, 0.04, None, 0.03, 0.005])
+        assert adjusted == pytest.approx([0.03, 0.06, None, 0.06, 0.02])
+
+    def test_holm_caps_at_one(self) -> None:
+        assert holm_adjust([0.6, 0.9]) == [1.0, 1.0]
+
+    def test_ratio_delta_method_formula(self) -> None:
+        interval, reason = ratio_interval(2.0, 4.0, 0.04, 0.09, 0.01, alpha=0.05)
+        variance = (0.04 - 2 * 0.5 * 0.01 + 0.25 * 0.09) / 16.0
+        assert reason is None
+        assert interval is not None
+        assert interval.estimate == 0.5
+        assert interval.high - 0.5 == pytest.approx(1.959964 * variance**0.5)
+
+    def test_ratio_with_zero_denominator(self) -> None:
+        interval, reason = ratio_interval(1.0, 0.0, 1.0, 1.0, 0.0)
+        assert interval is None
+        assert reason is not None
+        assert "denominator is 0" in reason
+
+    def test_relative_lift_of_rates(self) -> None:
+        interval, _ = relative_lift_interval(0.12, 0.0001, 0.10, 0.0001)
+        assert interval is not None
+        assert interval.estimate == pytest.approx(0.2)
+        assert interval.low < 0.2 < interval.high
+
+    def test_holm_and_roi_in_analysis(self) -> None:
+        allocation, outcomes = make_experiment()
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        arms = {arm.arm: arm for arm in result.arms}
+        good = arms["C10"]
+        assert result.holm_family_size == 2
+        for arm in result.arms:
+            assert arm.profit_p_value is not None
+            assert arm.profit_p_value_holm is not None
+            assert arm.profit_p_value_holm >= arm.profit_p_value
+            assert arm.conversion_p_value_holm is not None
+        assert "Holm-adjusted p=" in good.verdict
+        assert good.profit_significance == "positive"
+        assert good.roi_interval is not None
+        assert good.roi is not None
+        assert good.roi_interval.low < good.roi < good.roi_interval.high
+        assert arms["C20"].roi_interval is None
+        assert arms["C20"].reasons["roi_interval"] == "discount cost is 0"
+
+    def test_losing_arm_is_dropped(self) -> None:
+        allocation, outcomes = make_experiment()
+        # Arm C20 now gives a large discount and changes nothing else.
+        c20 = outcomes["user_id"].isin(
+            allocation["user_id"][allocation["arm"] == "C20"]
+        )
+        outcomes.loc[c20 & outcomes["converted"], "discount_cents"] = 3_000
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        arms = {arm.arm: arm for arm in result.arms}
+        assert arms["C20"].profit_significance == "negative"
+        assert arms["C20"].decision == "drop"
+        assert arms["C20"].verdict.startswith("unprofitable")
+        assert arms["C10"].decision == "keep"
+        assert result.offers_to_drop() == ["C20"]
+        assert result.offers_to_keep() == ["C10"]
+
+    def test_mismatch_drops_nothing(self) -> None:
+        allocation, outcomes = make_experiment(users_per_arm=500)
+        c20 = outcomes["user_id"].isin(
+            allocation["user_id"][allocation["arm"] == "C20"]
+        )
+        outcomes.loc[c20 & outcomes["converted"], "discount_cents"] = 3_000
+        # Keep every treated user but only a fifth of the holdout.
+        holdout = allocation["group_name"] == "holdout"
+        allocation = allocation[~holdout | (np.arange(len(allocation)) % 5 == 0)]
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        assert not result.trustworthy
+        assert result.offers_to_drop() == []
+        assert {arm.decision for arm in result.arms} == {"keep"}
+
+
+class TestEngagement:
+    def test_open_and_click_rates(self) -> None:
+        allocation, outcomes = make_experiment(users_per_arm=500)
+        treated = outcomes["user_id"].isin(
+            allocation["user_id"][allocation["group_name"] == "treatment"]
+        )
+        rng = np.random.default_rng(SEED)
+        outcomes["opened"] = treated & (rng.random(len(outcomes)) < 0.5)
+        outcomes["clicked"] = outcomes["opened"] & (rng.random(len(outcomes)) < 0.2)
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        arm = result.arms[0]
+        assert arm.treated.open_rate is not None
+        assert arm.treated.click_rate is not None
+        assert 0.4 < arm.treated.open_rate < 0.6
+        assert arm.treated.opens == round(arm.treated.open_rate * arm.treated.users)
+        assert arm.control.open_rate is None
+        assert "received no offer" in arm.control.reasons["open_rate"]
+        assert arm.control.click_rate is None
+
+    def test_missing_columns_say_so(self) -> None:
+        allocation, outcomes = make_experiment(users_per_arm=100)
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        arm = result.arms[0]
+        assert arm.treated.open_rate is None
+        assert arm.treated.reasons["open_rate"] == "the outcomes have no opened column"
+        assert arm.control.reasons["click_rate"] == (
+            "the outcomes have no clicked column"
+        )
+
+    def test_revenue_total_and_lift(self) -> None:
+        allocation, outcomes = make_experiment()
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        good = next(arm for arm in result.arms if arm.arm == "C10")
+        per_user = good.incremental_revenue_per_user_cents
+        total = good.incremental_revenue_cents
+        assert per_user is not None
+        assert total is not None
+        assert total.estimate == pytest.approx(per_user.estimate * good.treated.users)
+        assert good.revenue_relative_lift is not None
+        # Conversion triples, so revenue per user does too: a lift of about +200%.
+        assert good.revenue_relative_lift.low < 2.0 < good.revenue_relative_lift.high
+        # Every conversion has the same basket, so both relative lifts are equal.
+        control_revenue = good.control.revenue_per_user_cents
+        assert control_revenue is not None
+        assert good.conversion_relative_lift is not None
+        assert good.conversion_relative_lift.estimate == pytest.approx(
+            per_user.estimate / control_revenue, rel=1e-9
+        )
+
+
+class TestCuped:
+    def test_narrower_and_unbiased(self) -> None:
+        rng = np.random.default_rng(SEED)
+        effect = 50.0
+        estimates, raw_widths, adjusted_widths = [], [], []
+        for _ in range(200):
+            x_t, x_c = rng.gamma(2.0, 500.0, 500), rng.gamma(2.0, 500.0, 500)
+            y_t = 0.8 * x_t + rng.normal(0, 300, 500) + effect
+            y_c = 0.8 * x_c + rng.normal(0, 300, 500)
+            comparison, adjusted, reason = compare_with_cuped(
+                "revenue", y_t, x_t, y_c, x_c
+            )
+            assert reason is None
+            assert comparison is not None
+            assert adjusted is not None
+            estimates.append(comparison.adjusted.estimate)
+            raw_widths.append(comparison.unadjusted.width)
+            adjusted_widths.append(comparison.adjusted.width)
+            assert comparison.theta == pytest.approx(0.8, abs=0.15)
+        mean = float(np.mean(estimates))
+        standard_error = float(np.std(estimates, ddof=1)) / np.sqrt(len(estimates))
+        assert abs(mean - effect) < 3 * standard_error
+        assert np.mean(adjusted_widths) < 0.6 * np.mean(raw_widths)
+
+    def test_constant_covariate_changes_nothing(self) -> None:
+        comparison, _, _ = compare_with_cuped(
+            "profit", [1.0, 2.0, 3.0], [5.0, 5.0, 5.0], [1.0, 1.0, 2.0], [5.0] * 3
+        )
+        assert comparison is not None
+        assert comparison.theta == 0.0
+        assert comparison.adjusted == comparison.unadjusted
+
+    def test_analysis_uses_allocation_covariate(self) -> None:
+        allocation, outcomes = make_daily_experiment(days=1, users_per_day=6_000)
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        arm = result.arms[0]
+        metrics = {item.metric: item for item in arm.cuped}
+        assert result.covariate_source == "allocation"
+        assert set(metrics) == {"revenue", "profit"}
+        assert arm.profit_method == "welch-cuped"
+        for item in metrics.values():
+            assert item.adjusted.width < item.unadjusted.width
+            assert item.width_reduction > 0.0
+        profit = arm.incremental_profit_per_user_cents
+        assert profit is not None
+        assert profit == metrics["profit"].adjusted
+
+    def test_covariates_argument_overrides(self) -> None:
+        allocation, outcomes = make_daily_experiment(days=1, users_per_day=1_000)
+        covariates = allocation[["user_id", "pre_spend_cents"]].head(500)
+        result = analyze_experiment(
+            allocation.drop(columns="pre_spend_cents"),
+            outcomes,
+            MARGIN_RATE,
+            0.5,
+            covariates=covariates,
+        )
+        assert result.covariate_source == "covariates argument"
+        assert any("500 of 1000 users have no value" in note for note in result.notes)
+
+    def test_duplicated_covariates_raise(self) -> None:
+        allocation, outcomes = make_daily_experiment(days=1, users_per_day=100)
+        covariates = allocation[["user_id", "pre_spend_cents"]]
+        with pytest.raises(ValueError, match="more than one covariate row"):
+            analyze_experiment(
+                allocation,
+                outcomes,
+                MARGIN_RATE,
+                0.5,
+                covariates=pd.concat([covariates, covariates.head(1)]),
+            )
+
+    def test_without_covariate_plain_welch(self) -> None:
+        allocation, outcomes = make_experiment(users_per_arm=200)
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        assert result.covariate_source is None
+        assert all(arm.cuped == [] for arm in result.arms)
+        assert {arm.profit_method for arm in result.arms} == {"welch"}
+
+
+class TestSplitChange:
+    def test_changed_split_uses_stratified(self) -> None:
+        allocation, outcomes = make_daily_experiment(
+            holdout_shares=(0.2, 0.2, 0.5, 0.5),
+            day_rate_shift=(0.06, 0.06, 0.0, 0.0),
+            users_per_day=5_000,
+        )
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.35)
+        arm = result.arms[0]
+        split = result.split_check
+        assert split is not None
+        assert split.flagged
+        assert split.stratum_source == "UTC day of send_at"
+        assert split.strata == 4
+        assert split.holdout_share_by_stratum["2024-06-01"] == pytest.approx(
+            0.2, abs=0.02
+        )
+        assert arm.conversion_method == "stratified"
+        assert arm.profit_method == "stratified-cuped"
+        assert arm.stratified_conversion is not None
+        assert arm.conversion_test is not None
+        stratified = arm.stratified_conversion.comparison.interval
+        pooled = arm.conversion_test.interval
+        # Conversion lift is 0.05 on every day; pooling mixes in the day drift.
+        assert stratified.low < 0.05 < stratified.high
+        assert abs(stratified.estimate - 0.05) < abs(pooled.estimate - 0.05)
+        assert arm.conversion_rate_difference == stratified
+
+    def test_stable_split_keeps_pooled(self) -> None:
+        allocation, outcomes = make_daily_experiment(users_per_day=1_000)
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        arm = result.arms[0]
+        assert result.split_check is not None
+        assert not result.split_check.flagged
+        assert result.split_check.verdict.startswith("stable")
+        assert arm.stratified_profit is not None
+        assert arm.profit_method == "welch-cuped"
+        assert arm.conversion_method == METHOD_SCORE
+
+    def test_stratum_column_wins(self) -> None:
+        allocation, outcomes = make_daily_experiment(users_per_day=500)
+        allocation["stratum"] = np.where(np.arange(len(allocation)) % 2 == 0, "a", "b")
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        assert result.split_check is not None
+        assert result.split_check.stratum_source == "stratum column"
+        assert set(result.split_check.users_by_stratum) == {"a", "b"}
+
+    def test_no_strata_says_so(self) -> None:
+        allocation, outcomes = make_experiment(users_per_arm=100)
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        assert result.split_check is None
+        assert any("cannot be checked" in note for note in result.notes)
+
+    def test_stratified_matches_hand_computation(self) -> None:
+        estimate, reason = stratified_difference(
+            [1.0, 3.0, 10.0, 14.0],
+            ["a", "a", "b", "b"],
+            [0.0, 2.0, 9.0, 11.0, 13.0, 7.0],
+            ["a", "a", "b", "b", "b", "b"],
+        )
+        # Differences 1 and 4; weights 2*2/4 = 1 and 2*4/6 = 4/3.
+        assert reason is None
+        assert estimate is not None
+        expected = (1.0 * 1.0 + (4.0 / 3.0) * 2.0) / (1.0 + 4.0 / 3.0)
+        assert estimate.comparison.interval.estimate == pytest.approx(expected)
+        assert estimate.strata_used == 2
+
+
+class TestMinimumSample:
+    def test_small_arm_warns(self) -> None:
+        allocation, outcomes = make_experiment(users_per_arm=40)
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        arm = result.arms[0]
+        assert (
+            f"treated group has 40 users, fewer than {MIN_USERS_PER_GROUP}"
+            in arm.warnings
+        )
+        assert any(text.startswith(f"{arm.arm}: ") for text in result.warnings)
+
+    def test_large_arms_do_not_warn(self) -> None:
+        allocation, outcomes = make_experiment()
+        result = analyze_experiment(allocation, outcomes, MARGIN_RATE, 0.5)
+        assert result.warnings == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -120,3 +122,39 @@ def test_dag_files_import_without_heavy_libraries() -> None:
         f"DAG files imported heavy libraries: {done.stdout.strip()} "
         f"({time.perf_counter() - start:.1f} s)"
     )
+
+
+def test_airflow_cli_parses_every_dag(tmp_path: Path) -> None:
+    # Airflow's own parser, with the variables `couponflow airflow-env` prints: the
+    # plugins folder must be importable without the test's sys.path.
+    from couponflow.airflow_env import airflow_environ
+    from couponflow.settings import Settings
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
+        **airflow_environ(Settings(home=tmp_path)),
+    }
+    env.pop("PYTHONPATH", None)
+    airflow = str(Path(sys.executable).with_name("airflow"))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [airflow, *args], env=env, capture_output=True, text=True, check=False
+        )
+
+    assert run("db", "migrate").returncode == 0
+    reserialize = run("dags", "reserialize")
+    assert reserialize.returncode == 0, reserialize.stderr[-2000:]
+    errors = run("dags", "list-import-errors", "--output", "json")
+    assert errors.returncode == 0, errors.stderr[-2000:]
+    # Airflow logs to stdout too; the table is the last line.
+    assert _last_line(errors.stdout) in ("[]", "No data found"), errors.stdout[-2000:]
+    listed = run("dags", "list", "--output", "json")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    dag_ids = {row["dag_id"] for row in json.loads(_last_line(listed.stdout))}
+    assert {p.stem for p in DAG_FILES} <= dag_ids
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""

@@ -1,7 +1,7 @@
 """Tests of the Open Bandit Dataset loader and of the off-policy check of bts.
 
-Tests marked by the real_data fixture skip when the dataset folder is absent; the
-others build a small folder of the same layout in tmp_path.
+Tests marked realdata skip when the dataset folder is absent. The others build a
+small folder of the same layout in tmp_path.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def write_small_dataset(data_dir: Path, n_items: int = 4, n_rows: int = 60) -> N
         logs.to_csv(folder / "all.csv")
 
 
+@pytest.mark.realdata
 def test_bts_estimate_matches_on_policy_rate(real_settings: Settings) -> None:
     comparison = evaluate_bts_from_random(real_settings, "all")
     assert comparison.random_rows == 10_000
@@ -78,6 +79,7 @@ def test_bts_estimate_matches_on_policy_rate(real_settings: Settings) -> None:
     assert comparison.on_policy.value == pytest.approx(0.0042)
 
 
+@pytest.mark.realdata
 def test_real_logs_have_contract_types(real_settings: Settings) -> None:
     logs = load_open_bandit_logs(real_settings, "bts", "all")
     assert len(logs) == 10_000

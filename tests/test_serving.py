@@ -111,6 +111,7 @@ def plan_frame(specs: dict[str, tuple[str, str]]) -> pd.DataFrame:
             "user_id": list(specs),
             "group_name": [group for group, _ in specs.values()],
             "arm": [arm for _, arm in specs.values()],
+            "policy_arm": [arm for _, arm in specs.values()],
             "channel": [
                 "email" if arm != "control" else None for _, arm in specs.values()
             ],

@@ -152,7 +152,7 @@ def evaluate_greedy_policy(
     the logged arms and propensities. Intervals are normal approximations.
     """
     inputs = _policy_inputs(model, holdout_frame, coupons, margin_rate)
-    return _evaluation(inputs, alpha)
+    return _evaluation(inputs, inputs.reward_model, alpha)
 
 
 def decide_promotion(
@@ -168,17 +168,22 @@ def decide_promotion(
 
     The challenger is promoted when there is no champion, or when its greedy
     policy's ``estimator`` value is strictly higher than the champion's and its
-    holdout Qini (see :func:`training.response.evaluate`) is not lower.
+    holdout Qini (see :func:`training.response.evaluate`) is not lower. Both DR
+    values use one reward model, the mean of the two models' predicted profits, so
+    that the users to whom both policies give the same arm add nothing to the
+    difference. Without a champion, the challenger's own predictions serve.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_holdout(holdout_frame)
     frame = holdout_frame.reset_index(drop=True)
     challenger_inputs = _policy_inputs(challenger, frame, coupons, margin_rate)
-    challenger_evaluation = _evaluation(challenger_inputs, alpha)
     challenger_qini = float(evaluate(challenger, frame, coupons)["qini"])
 
     if champion is None:
+        challenger_evaluation = _evaluation(
+            challenger_inputs, challenger_inputs.reward_model, alpha
+        )
         return PromotionDecision(
             promoted=True,
             reason="promoted: there is no champion yet",
@@ -193,10 +198,21 @@ def decide_promotion(
         )
 
     champion_inputs = _policy_inputs(champion, frame, coupons, margin_rate)
-    champion_evaluation = _evaluation(champion_inputs, alpha)
     champion_qini = float(evaluate(champion, frame, coupons)["qini"])
-    difference = _paired_difference(
-        challenger_inputs, champion_inputs, estimator, alpha
+    # Two different reward models would add their disagreement to the difference
+    # even on users where both policies agree, so both sides share their mean.
+    shared_model = (challenger_inputs.reward_model + champion_inputs.reward_model) / 2
+    challenger_evaluation = _evaluation(challenger_inputs, shared_model, alpha)
+    champion_evaluation = _evaluation(champion_inputs, shared_model, alpha)
+    difference = estimate_value_difference(
+        challenger_inputs.target,
+        champion_inputs.target,
+        challenger_inputs.logged_action,
+        challenger_inputs.propensity,
+        challenger_inputs.reward,
+        method=estimator,
+        reward_model=shared_model,
+        alpha=alpha,
     )
     promoted, reason = promotion_rule(
         challenger_evaluation.estimate(estimator).value,
@@ -205,6 +221,7 @@ def decide_promotion(
         champion_qini,
         estimator,
     )
+    log.info("promotion gate on %d holdout rows: %s", len(frame), reason)
     return PromotionDecision(
         promoted=promoted,
         reason=reason,
@@ -314,31 +331,14 @@ def _policy_inputs(
     )
 
 
-def _evaluation(inputs: _PolicyInputs, alpha: float) -> PolicyEvaluation:
+def _evaluation(
+    inputs: _PolicyInputs, reward_model: npt.NDArray[np.float64], alpha: float
+) -> PolicyEvaluation:
     logged = (inputs.logged_action, inputs.propensity, inputs.reward)
     return PolicyEvaluation(
         snips=snips_value(inputs.target, *logged, alpha=alpha),
-        dr=dr_value(inputs.target, *logged, inputs.reward_model, alpha=alpha),
+        dr=dr_value(inputs.target, *logged, reward_model, alpha=alpha),
         arm_counts=inputs.arm_counts,
-    )
-
-
-def _paired_difference(
-    challenger: _PolicyInputs,
-    champion: _PolicyInputs,
-    estimator: Estimator,
-    alpha: float,
-) -> Estimate:
-    return estimate_value_difference(
-        challenger.target,
-        champion.target,
-        challenger.logged_action,
-        challenger.propensity,
-        challenger.reward,
-        method=estimator,
-        reward_model=challenger.reward_model,
-        baseline_reward_model=champion.reward_model,
-        alpha=alpha,
     )
 
 

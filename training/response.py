@@ -19,7 +19,13 @@ import pandas as pd
 import xgboost as xgb
 from sklearn.metrics import roc_auc_score
 
-from couponflow.schemas import ALL_CATEGORIES, CATEGORIES, CONTROL_ARM, COUPON_KINDS
+from couponflow.schemas import (
+    ALL_CATEGORIES,
+    CATEGORIES,
+    CHANNELS,
+    CONTROL_ARM,
+    COUPON_KINDS,
+)
 from couponflow.uplift import auuc, qini_coefficient, uplift_at_k
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,10 @@ USER_FEATURES: tuple[str, ...] = (
     "hour_share_afternoon",
     "hour_share_evening",
     "days_since_signup",
+    "frequency_90d",
+    "views_per_session_30d",
+    "view_price_index_90d",
+    "mobile_device",
 )
 # Profile outputs, used when the training frame has them. The profile segment is left
 # out on purpose: KMeans renumbers its clusters on every profile run, so a segment id
@@ -128,6 +138,7 @@ class ResponseModel:
     user_features: tuple[str, ...]
     categories: tuple[str, ...] = CATEGORIES
     offer_kinds: tuple[str, ...] = COUPON_KINDS
+    channels: tuple[str, ...] = CHANNELS
     params: dict[str, Any] = field(default_factory=dict)
     num_boost_round: int = DEFAULT_NUM_BOOST_ROUND
     trained_arms: tuple[str, ...] = ()
@@ -137,7 +148,9 @@ class ResponseModel:
     @property
     def feature_names(self) -> list[str]:
         """Columns of the design matrix, in the booster's order."""
-        return _feature_names(self.user_features, self.categories, self.offer_kinds)
+        return _feature_names(
+            self.user_features, self.categories, self.offer_kinds, self.channels
+        )
 
     def predict_conversion(
         self, users: pd.DataFrame, offers: pd.DataFrame
@@ -175,20 +188,28 @@ class ResponseModel:
     def assigned_design_matrix(
         self, frame: pd.DataFrame, coupons: pd.DataFrame
     ) -> pd.DataFrame:
-        """Build the booster's input for each row of ``frame`` under its ``arm``."""
+        """Build the booster's input for each row of ``frame`` under its ``arm``.
+
+        A ``channel`` column of ``frame`` gives the channel each offer was sent by;
+        without one, an offer counts as sent by its coupon's first listed channel.
+        """
         coupons = validate_offers(
             coupons, self.offer_kinds, self.categories, drop_repeated=True
         )
         frame = frame.reset_index(drop=True)
-        return self.design_matrix(frame, _offer_rows_for_arms(frame, coupons))
+        offer_rows = _offer_rows_for_arms(frame, coupons)
+        if "channel" in frame.columns:
+            offer_rows["channel"] = frame["channel"].astype("string")
+        return self.design_matrix(frame, offer_rows)
 
     def design_matrix(
         self, users: pd.DataFrame, offer_rows: pd.DataFrame
     ) -> pd.DataFrame:
         """Build the booster's input: row i pairs user row i with offer row i.
 
-        ``offer_rows`` has the COUPONS columns, with a missing ``coupon_id`` for no
-        offer. Both frames must have a default RangeIndex of the same length.
+        ``offer_rows`` has the columns of :func:`validate_offers`, with a missing
+        ``coupon_id`` for no offer. Both frames must have a default RangeIndex of
+        the same length.
         """
         missing = [
             c for c in (*self.user_features, TOP_CATEGORY_COLUMN) if c not in users
@@ -200,7 +221,7 @@ class ResponseModel:
             )
         user_part = _user_feature_block(users, self.user_features, self.categories)
         offer_part = _offer_feature_block(
-            users, offer_rows, self.categories, self.offer_kinds
+            users, offer_rows, self.categories, self.offer_kinds, self.channels
         )
         design = pd.concat([user_part, offer_part], axis=1)
         return design[self.feature_names]
@@ -212,6 +233,7 @@ class ResponseModel:
             "user_features": list(self.user_features),
             "categories": list(self.categories),
             "offer_kinds": list(self.offer_kinds),
+            "channels": list(self.channels),
             "feature_names": self.feature_names,
             "control_arm": CONTROL_ARM,
             "params": dict(self.params),
@@ -238,6 +260,7 @@ class ResponseModel:
             user_features=tuple(spec["user_features"]),
             categories=tuple(spec["categories"]),
             offer_kinds=tuple(spec["offer_kinds"]),
+            channels=tuple(spec["channels"]),
             params=dict(spec.get("params", {})),
             num_boost_round=int(spec.get("num_boost_round", 0)),
             trained_arms=tuple(spec.get("trained_arms", ())),
@@ -382,6 +405,8 @@ def validate_offers(
 ) -> pd.DataFrame:
     """Return the offer columns the model reads, checked, with a default index.
 
+    The ``channel`` of an offer is its ``channel`` column when ``offers`` has one,
+    else the first of its ``channels``, else missing (no channel features).
     With ``drop_repeated``, rows that repeat another row's columns exactly are
     dropped first, because the offline store can hold one coupon from several
     ingested batches. Raises ValueError on a missing column, a duplicate or reserved
@@ -404,6 +429,7 @@ def validate_offers(
                 if "valid_days" in offers
                 else pd.Series(np.nan, index=offers.index)
             ),
+            "channel": _offer_channel(offers),
         }
     ).reset_index(drop=True)
     if drop_repeated:
@@ -441,6 +467,15 @@ def validate_offers(
     return out
 
 
+def _offer_channel(offers: pd.DataFrame) -> pd.Series:
+    if "channel" in offers:
+        return offers["channel"].astype("string")
+    if "channels" in offers:
+        first = offers["channels"].astype("string").str.split(",").str[0].str.strip()
+        return first.where(first != "").astype("string")
+    return pd.Series(pd.NA, index=offers.index, dtype="string")
+
+
 def metric_key(name: str) -> str:
     """Return ``name`` with each character that MLflow metric keys reject as '_'."""
     return re.sub(r"[^0-9A-Za-z_.\-/ ]", "_", str(name))
@@ -450,12 +485,14 @@ def _feature_names(
     user_features: tuple[str, ...],
     categories: tuple[str, ...],
     offer_kinds: tuple[str, ...],
+    channels: tuple[str, ...],
 ) -> list[str]:
     return [
         *user_features,
         *(f"top_category_{category}" for category in categories),
         "treated",
         *(f"kind_{kind}" for kind in offer_kinds),
+        *(f"channel_{channel}" for channel in channels),
         *OFFER_ATTRIBUTE_FEATURES,
     ]
 
@@ -479,6 +516,7 @@ def _offer_feature_block(
     offer_rows: pd.DataFrame,
     categories: tuple[str, ...],
     offer_kinds: tuple[str, ...],
+    channels: tuple[str, ...],
 ) -> pd.DataFrame:
     if len(users) != len(offer_rows):
         raise ValueError(
@@ -518,6 +556,10 @@ def _offer_feature_block(
     block["treated"] = treated.astype(float)
     for offer_kind in offer_kinds:
         block[f"kind_{offer_kind}"] = (kind == offer_kind).fillna(False).astype(float)
+    channel = offer_rows["channel"].astype("string")
+    for name in channels:
+        sent_by = (channel == name).fillna(False).to_numpy(dtype=bool)
+        block[f"channel_{name}"] = (treated & sent_by).astype(float)
     block["offer_value"] = np.where(treated, value, 0.0)
     block["offer_min_spend_cents"] = np.where(treated, min_spend, 0.0)
     block["offer_valid_days"] = np.where(treated, valid_days, 0.0)

@@ -1,8 +1,8 @@
 """One coupon arm against its holdout control: every metric with its interval.
 
-Proportions use Newcombe or, for small counts, the exact methods; means use Welch,
-with CUPED when a pre-period covariate exists; ratios use the delta method; the
-post-stratified estimate replaces the pooled one when the holdout share changed.
+Proportions use Newcombe's interval, or the exact methods for small counts. Means use
+Welch's interval, with CUPED when a pre-period covariate exists, and ratios use the
+delta method. When the holdout share changed, the post-stratified estimate is primary.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ NOT_SIGNIFICANT = "not significant"
 UNDEFINED = "undefined"
 DECISION_RULE = (
     "keep an arm unless its incremental profit is significantly negative after the "
-    "Holm correction across arms (Holm-adjusted p < alpha and estimate < 0); drop "
-    "it otherwise. An untrustworthy experiment drops nothing."
+    "Holm correction across arms (Holm-adjusted p < alpha and estimate < 0), in "
+    "which case drop it. An untrustworthy experiment (sample ratio mismatch) drops "
+    "nothing."
 )
 
 
@@ -70,9 +71,11 @@ class ArmResult:
     """One coupon arm of the treatment group against its holdout control.
 
     Money is in cents, per user unless the name says total (``*_cents`` without
-    ``per_user``). The ``incremental_*`` intervals are the primary estimates, made
-    by ``profit_method``. ``reasons`` maps the name of every None field to why it is
-    None. The p-values are two-sided; ``*_holm`` are adjusted across arms.
+    ``per_user``). ``conversion_rate_difference`` and the ``incremental_*``
+    intervals are the primary estimates, made by ``conversion_method`` and
+    ``profit_method`` (which also made the revenue ones). ``reasons`` maps the name
+    of every None field to why it is None. The p-values are two-sided, and the
+    ``*_holm`` ones are adjusted across arms.
     """
 
     arm: str
@@ -141,7 +144,7 @@ def summarize_group(
     """Count and average the outcomes of ``users`` (joined rows with profit_cents).
 
     Open and click rates are None when the outcomes have no such column, or when
-    the group received no offer and nobody in it opened (or clicked) anything.
+    the group received no offer and no user in it opened (or clicked) anything.
     """
     count = len(users)
     if count == 0:
@@ -254,7 +257,9 @@ def apply_holm(arms: list[ArmResult], alpha: float, withheld: bool) -> list[ArmR
     for arm, conversion_adjusted, profit_adjusted in zip(
         arms, conversion_holm, profit_holm, strict=True
     ):
-        significance = _significance(arm.incremental_profit_cents, profit_adjusted, alpha)
+        significance = _significance(
+            arm.incremental_profit_cents, profit_adjusted, alpha
+        )
         verdict = _verdict(arm, significance, profit_adjusted, withheld)
         decision = DROP if significance == NEGATIVE and not withheld else KEEP
         updated.append(
@@ -333,15 +338,15 @@ def _conversion_metrics(
 
     stratified = None
     if options.has_strata:
-        stratified, reason = stratified_difference(
+        stratified, strata_reason = stratified_difference(
             inputs.treated["converted"].to_numpy(dtype=np.float64),
             inputs.treated["stratum"],
             inputs.control["converted"].to_numpy(dtype=np.float64),
             inputs.control["stratum"],
             options.alpha,
         )
-        if reason:
-            reasons["stratified_conversion"] = reason
+        if strata_reason:
+            reasons["stratified_conversion"] = strata_reason
     if options.use_stratified and stratified is not None:
         primary = stratified.comparison
         return _ConversionMetrics(
@@ -378,7 +383,9 @@ def _mean_metric(
     if options.has_covariate:
         x_t = inputs.treated["pre_spend_cents"].to_numpy(dtype=np.float64)
         x_c = inputs.control["pre_spend_cents"].to_numpy(dtype=np.float64)
-        cuped, adjusted, _ = compare_with_cuped(metric, y_t, x_t, y_c, x_c, options.alpha)
+        cuped, adjusted, _ = compare_with_cuped(
+            metric, y_t, x_t, y_c, x_c, options.alpha
+        )
         assert cuped is not None and adjusted is not None
         primary = adjusted
         values_t = y_t - cuped.theta * (x_t - cuped.covariate_mean)

@@ -1,134 +1,99 @@
 """Analysis of one campaign's experiment: every coupon arm against the holdout.
 
 The treatment group gets the policy's offers and the randomized holdout gets none.
-Each arm is compared with the holdout users the policy would have given that arm,
-a sample-ratio check guards the randomization, and the Qini coefficient scores the
-uplift model on the randomized comparison.
+Each arm is compared with the holdout users the policy would have given that arm.
+Guards check the randomization (sample ratio), a change of the split over time and the
+sample sizes. Holm's correction covers the several arms, and daily confidence
+sequences allow reading the results every day.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pandas as pd
-from scipy import stats
 
-from couponflow import uplift
-from couponflow.analysis.stats import (
-    Interval,
-    finite_or_none,
-    newcombe_difference,
-    validate_alpha,
-    welch_difference,
+from couponflow.analysis.arms import (
+    DECISION_RULE,
+    DROP,
+    KEEP,
+    POSITIVE,
+    AnalysisOptions,
+    ArmInputs,
+    ArmResult,
+    GroupSummary,
+    analyze_arm,
+    apply_holm,
+    summarize_group,
 )
+from couponflow.analysis.guards import (
+    SRM_P_THRESHOLD,
+    SRM_WITHHELD,
+    SampleRatioCheck,
+    check_sample_ratio,
+)
+from couponflow.analysis.inputs import (
+    ALLOCATION_COLUMNS,
+    GROUP_NAMES,
+    HOLDOUT,
+    OUTCOME_REQUIRED_COLUMNS,
+    POLICY_ARM_COLUMN,
+    STRATUM_COLUMN,
+    TREATMENT,
+    join_experiment,
+)
+from couponflow.analysis.qini import (
+    CURVE_POINTS,
+    UPLIFT_AT_K,
+    UpliftSummary,
+    uplift_summary,
+)
+from couponflow.analysis.sequential import SequentialLook, confidence_sequence
+from couponflow.analysis.stats import json_safe, validate_alpha
+from couponflow.analysis.stratified import SplitCheck, check_split_change
 from couponflow.schemas import CONTROL_ARM
 
 log = logging.getLogger(__name__)
 
-HOLDOUT = "holdout"
-TREATMENT = "treatment"
-GROUP_NAMES: tuple[str, ...] = (HOLDOUT, TREATMENT)
-ALLOCATION_COLUMNS: tuple[str, ...] = (
-    "user_id",
-    "group_name",
-    "arm",
-    "propensity",
-    "score_uplift",
-    "expected_cost_cents",
-)
-# The holdout users' policy choice; without it every arm is compared with the whole
-# holdout.
-POLICY_ARM_COLUMN = "policy_arm"
-OUTCOME_REQUIRED_COLUMNS: tuple[str, ...] = ("user_id", "converted", "revenue_cents")
-# A p-value this small is far below what chance produces in one check, even when many
-# campaigns are checked, while a real assignment bug usually gives a far smaller one.
-SRM_P_THRESHOLD = 0.001
-SRM_WITHHELD = "withheld: sample ratio mismatch"
-# Points kept of the Qini curve, enough for a smooth plot at report size.
-CURVE_POINTS = 201
-# Top shares of users, by descending score, at which uplift_at_k is reported.
-UPLIFT_AT_K: tuple[float, ...] = (0.1, 0.3, 0.5)
+__all__ = [
+    "ALLOCATION_COLUMNS",
+    "CURVE_POINTS",
+    "GROUP_NAMES",
+    "HOLDOUT",
+    "OUTCOME_REQUIRED_COLUMNS",
+    "POLICY_ARM_COLUMN",
+    "SRM_P_THRESHOLD",
+    "SRM_WITHHELD",
+    "TREATMENT",
+    "UPLIFT_AT_K",
+    "ArmResult",
+    "ArmSequence",
+    "ExperimentResult",
+    "GroupSummary",
+    "SampleRatioCheck",
+    "UpliftSummary",
+    "analyze_experiment",
+    "check_sample_ratio",
+    "summarize_group",
+]
+
+# Metrics followed day by day, and the per-user column behind each.
+SEQUENTIAL_METRICS: dict[str, str] = {
+    "conversion_rate_difference": "converted",
+    "incremental_profit_per_user_cents": "profit_cents",
+}
 
 
 @dataclass(frozen=True)
-class GroupSummary:
-    """Outcomes of one group of users; rates and means are None for an empty group."""
-
-    users: int
-    conversions: int
-    conversion_rate: float | None
-    redemption_rate: float | None
-    revenue_per_user_cents: float | None
-    profit_per_user_cents: float | None
-    discount_cost_cents: int
-    expected_cost_cents: int
-
-
-@dataclass(frozen=True)
-class SampleRatioCheck:
-    """Chi-square goodness of fit of the treatment/holdout counts to the design."""
-
-    treatment_users: int
-    holdout_users: int
-    expected_holdout_fraction: float
-    observed_holdout_fraction: float
-    chi_square: float
-    p_value: float
-    threshold: float
-    flagged: bool
-    verdict: str
-
-
-@dataclass(frozen=True)
-class ArmResult:
-    """One coupon arm of the treatment group against its holdout control.
-
-    Money is in cents, per user unless the name says total. ``reasons`` maps the
-    name of every None field to why it is None.
-    """
+class ArmSequence:
+    """The daily confidence sequence of one metric of one arm, cumulative by day."""
 
     arm: str
-    treated: GroupSummary
-    control: GroupSummary
-    control_source: str
-    conversion_rate_difference: Interval | None
-    incremental_conversions: Interval | None
-    incremental_revenue_per_user_cents: Interval | None
-    incremental_profit_per_user_cents: Interval | None
-    incremental_profit_cents: Interval | None
-    roi: float | None
-    verdict: str
-    reasons: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def profit_lower_bound_positive(self) -> bool:
-        """Whether the CI of the total incremental profit lies above 0."""
-        interval = self.incremental_profit_cents
-        return interval is not None and interval.low > 0
-
-
-@dataclass(frozen=True)
-class UpliftSummary:
-    """Qini coefficient and AUUC of ``score_uplift`` on the randomized comparison."""
-
-    population: str
-    users: int
-    treated_users: int
-    control_users: int
-    qini_coefficient: float | None
-    auuc: float | None
-    # Treated-minus-control conversion rate among the top k share of users by score.
-    uplift_at_k: dict[str, float]
-    # Fraction of users targeted (by descending score), and the Qini value there:
-    # incremental conversions per treated user of the whole sample.
-    curve_fraction: list[float]
-    curve_gain: list[float]
-    reasons: dict[str, str] = field(default_factory=dict)
+    metric: str
+    looks: list[SequentialLook]
 
 
 @dataclass(frozen=True)
@@ -148,22 +113,38 @@ class ExperimentResult:
     arms: list[ArmResult]
     uplift: UpliftSummary
     notes: list[str]
+    split_check: SplitCheck | None = None
+    covariate_source: str | None = None
+    # Arms whose incremental profit has a p-value, the family Holm corrects over.
+    holm_family_size: int = 0
+    observation_days: list[str] = field(default_factory=list)
+    sequential: list[ArmSequence] = field(default_factory=list)
+    sequential_reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    decision_rule: str = DECISION_RULE
 
     def positive_profit_offers(self) -> list[str]:
-        """Return the arms whose incremental profit CI lies above 0, if trustworthy.
-
-        An untrustworthy experiment returns an empty list, so that no next campaign
-        acts on its numbers.
-        """
+        """Return the arms whose Holm-adjusted incremental profit is significantly
+        positive, or an empty list when the experiment is not trustworthy."""
         if not self.trustworthy:
             return []
-        return [arm.arm for arm in self.arms if arm.profit_lower_bound_positive]
+        return [arm.arm for arm in self.arms if arm.profit_significance == POSITIVE]
+
+    def offers_to_keep(self) -> list[str]:
+        """Return the arms whose decision is keep (see ``decision_rule``)."""
+        return [arm.arm for arm in self.arms if arm.decision == KEEP]
+
+    def offers_to_drop(self) -> list[str]:
+        """Return the arms whose decision is drop (see ``decision_rule``)."""
+        return [arm.arm for arm in self.arms if arm.decision == DROP]
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as nested dicts and lists of JSON-safe scalars."""
         payload = asdict(self)
         payload["positive_profit_offers"] = self.positive_profit_offers()
-        return _json_safe(payload)
+        payload["offers_to_keep"] = self.offers_to_keep()
+        payload["offers_to_drop"] = self.offers_to_drop()
+        return json_safe(payload)
 
 
 def analyze_experiment(
@@ -172,18 +153,21 @@ def analyze_experiment(
     margin_rate: float,
     expected_holdout_fraction: float,
     alpha: float = 0.05,
+    *,
+    covariates: pd.DataFrame | None = None,
 ) -> ExperimentResult:
     """Compare each coupon arm with the holdout and check the experiment's design.
 
     ``allocation`` has one row per user (columns ``ALLOCATION_COLUMNS``, optionally
-    ``policy_arm``) and ``outcomes`` follows the OUTCOMES contract. Users without an
-    outcome row count as not converted with 0 revenue. Raises ValueError or KeyError
-    on input that breaks these contracts.
+    ``policy_arm``, ``stratum``, ``send_at`` and ``pre_spend_cents``) and
+    ``outcomes`` follows the OUTCOMES contract, optionally with ``pre_spend_cents``.
+    ``covariates`` (``user_id``, ``pre_spend_cents``) overrides both. Users without
+    an outcome row count as not converted with 0 revenue. Raises ValueError or
+    KeyError on input that breaks these contracts.
     """
     _validate_parameters(margin_rate, expected_holdout_fraction, alpha)
-    frame, notes, missing_outcomes, orphan_outcomes = _join_outcomes(
-        allocation, outcomes
-    )
+    joined = join_experiment(allocation, outcomes, covariates)
+    frame, notes = joined.frame, joined.notes
     revenue = frame["revenue_cents"].astype(np.float64)
     discount = frame["discount_cents"].astype(np.float64)
     frame["profit_cents"] = margin_rate * revenue - discount
@@ -194,32 +178,26 @@ def analyze_experiment(
     sample_ratio = check_sample_ratio(
         len(treatment), len(holdout), expected_holdout_fraction
     )
+    split_check = _split_check(frame, joined.stratum_source, notes)
     has_policy_arm = POLICY_ARM_COLUMN in frame.columns
-    if has_policy_arm:
-        notes.append(
-            "Each arm's control is the holdout users whose policy choice was that arm, "
-            "so treated and control users are alike. An arm without such holdout "
-            "users is compared with the whole holdout."
-        )
-    else:
-        notes.append(
-            f"The allocation has no {POLICY_ARM_COLUMN} column, so every arm is "
-            "compared with the whole holdout. The difference then mixes the coupon's "
-            "effect with how the users the policy picked differ from the average."
-        )
+    notes.append(_control_note(has_policy_arm))
+    _engagement_notes(offered, joined.logged_columns, notes)
 
-    arms = [
-        _analyze_arm(
-            str(arm),
-            offered[offered["arm"] == arm],
-            _control_for(str(arm), holdout, has_policy_arm),
-            margin_rate,
-            alpha,
-            sample_ratio.flagged,
-        )
+    options = AnalysisOptions(
+        alpha=alpha,
+        has_covariate=joined.covariate_source is not None,
+        has_strata=split_check is not None and split_check.strata > 1,
+        use_stratified=split_check is not None and split_check.flagged,
+        logged_columns=joined.logged_columns,
+    )
+    inputs = [
+        _arm_inputs(str(arm), offered, holdout, has_policy_arm)
         for arm in sorted(offered["arm"].unique())
     ]
-    uplift = _uplift_summary(offered, holdout, has_policy_arm)
+    arms = apply_holm(
+        [analyze_arm(item, options) for item in inputs], alpha, sample_ratio.flagged
+    )
+    sequential, sequential_reason = _sequences(inputs, joined.observation_days, alpha)
     result = ExperimentResult(
         margin_rate=margin_rate,
         alpha=alpha,
@@ -227,93 +205,32 @@ def analyze_experiment(
         treatment_users=len(treatment),
         holdout_users=len(holdout),
         treatment_users_without_offer=len(treatment) - len(offered),
-        users_without_outcome=missing_outcomes,
-        outcome_rows_without_allocation=orphan_outcomes,
+        users_without_outcome=joined.users_without_outcome,
+        outcome_rows_without_allocation=joined.outcome_rows_without_allocation,
         sample_ratio=sample_ratio,
         trustworthy=not sample_ratio.flagged,
         arms=arms,
-        uplift=uplift,
+        uplift=uplift_summary(offered, holdout, has_policy_arm),
         notes=notes,
+        split_check=split_check,
+        covariate_source=joined.covariate_source,
+        holm_family_size=sum(arm.profit_p_value is not None for arm in arms),
+        observation_days=joined.observation_days,
+        sequential=sequential,
+        sequential_reason=sequential_reason,
+        warnings=[f"{arm.arm}: {text}" for arm in arms for text in arm.warnings],
     )
     log.info(
-        "analyzed %d users in %d arms: srm p=%.3g, trustworthy=%s",
+        "analyzed %d users in %d arms: srm p=%.3g, split changed=%s, "
+        "trustworthy=%s, drop=%s",
         result.users,
         len(arms),
         sample_ratio.p_value,
+        bool(split_check and split_check.flagged),
         result.trustworthy,
+        result.offers_to_drop(),
     )
     return result
-
-
-def check_sample_ratio(
-    treatment_users: int, holdout_users: int, expected_holdout_fraction: float
-) -> SampleRatioCheck:
-    """Test the treatment/holdout counts against the designed holdout fraction.
-
-    Flags a sample-ratio mismatch when the chi-square p-value is below
-    ``SRM_P_THRESHOLD``. Raises ValueError when there are no users at all.
-    """
-    if not 0.0 < expected_holdout_fraction < 1.0:
-        raise ValueError(
-            "expected_holdout_fraction must be in (0, 1), got "
-            f"{expected_holdout_fraction}"
-        )
-    total = treatment_users + holdout_users
-    if total <= 0:
-        raise ValueError("no treatment or holdout users: the allocation is empty")
-    expected = [
-        total * (1.0 - expected_holdout_fraction),
-        total * expected_holdout_fraction,
-    ]
-    chi_square, p_value = stats.chisquare([treatment_users, holdout_users], expected)
-    flagged = bool(p_value < SRM_P_THRESHOLD)
-    if flagged:
-        verdict = (
-            f"{SRM_WITHHELD}: {holdout_users} of {total} users are in the holdout, "
-            f"designed {expected_holdout_fraction:.1%} (p={p_value:.2g}); find the "
-            "assignment or logging bug before reading any result"
-        )
-        log.warning(
-            "sample ratio mismatch: holdout %d of %d, designed %.3f, p=%.3g",
-            holdout_users,
-            total,
-            expected_holdout_fraction,
-            p_value,
-        )
-    else:
-        verdict = (
-            f"passed: {holdout_users} of {total} users in the holdout, designed "
-            f"{expected_holdout_fraction:.1%} (p={p_value:.2g})"
-        )
-    return SampleRatioCheck(
-        treatment_users=treatment_users,
-        holdout_users=holdout_users,
-        expected_holdout_fraction=expected_holdout_fraction,
-        observed_holdout_fraction=holdout_users / total,
-        chi_square=float(chi_square),
-        p_value=float(p_value),
-        threshold=SRM_P_THRESHOLD,
-        flagged=flagged,
-        verdict=verdict,
-    )
-
-
-def summarize_group(users: pd.DataFrame) -> GroupSummary:
-    """Count and average the outcomes of ``users`` (joined rows with profit_cents)."""
-    count = len(users)
-    conversions = int(users["converted"].sum())
-    if count == 0:
-        return GroupSummary(0, 0, None, None, None, None, 0, 0)
-    return GroupSummary(
-        users=count,
-        conversions=conversions,
-        conversion_rate=conversions / count,
-        redemption_rate=float(users["redeemed"].mean()),
-        revenue_per_user_cents=float(users["revenue_cents"].mean()),
-        profit_per_user_cents=float(users["profit_cents"].mean()),
-        discount_cost_cents=int(users["discount_cents"].sum()),
-        expected_cost_cents=int(users["expected_cost_cents"].sum()),
-    )
 
 
 def _validate_parameters(
@@ -329,282 +246,92 @@ def _validate_parameters(
     validate_alpha(alpha)
 
 
-def _join_outcomes(
-    allocation: pd.DataFrame, outcomes: pd.DataFrame
-) -> tuple[pd.DataFrame, list[str], int, int]:
-    """Left-join outcomes onto the allocation; return frame, notes and counts.
-
-    The counts are the allocated users without an outcome row and the outcome rows
-    of users outside the allocation.
-    """
-    missing = [c for c in ALLOCATION_COLUMNS if c not in allocation.columns]
-    if missing:
-        raise KeyError(f"allocation frame: missing columns {missing}")
-    missing = [c for c in OUTCOME_REQUIRED_COLUMNS if c not in outcomes.columns]
-    if missing:
-        raise KeyError(f"outcomes frame: missing columns {missing}")
-
-    columns = list(ALLOCATION_COLUMNS)
-    if POLICY_ARM_COLUMN in allocation.columns:
-        columns.append(POLICY_ARM_COLUMN)
-    left = allocation[columns].copy()
-    left["user_id"] = left["user_id"].astype(str)
-    _validate_allocation(left)
-
-    right = outcomes.copy()
-    right["user_id"] = right["user_id"].astype(str)
-    _validate_campaigns(allocation, right)
-    duplicated = right["user_id"][right["user_id"].duplicated()]
-    if not duplicated.empty:
-        raise ValueError(
-            f"outcomes frame: user_id {duplicated.iloc[0]!r} has more than one "
-            "outcome row; deduplicate outcomes per user before the analysis"
-        )
-
-    notes: list[str] = []
-    for column in ("redeemed", "discount_cents"):
-        if column not in right.columns:
-            right[column] = 0
-            notes.append(
-                f"The outcomes have no {column} column, so it counts as 0 for everyone."
-            )
-    right = right[
-        ["user_id", "converted", "redeemed", "revenue_cents", "discount_cents"]
-    ]
-    frame = left.merge(right, on="user_id", how="left", indicator=True)
-    without_outcome = int((frame["_merge"] == "left_only").sum())
-    orphans = int((~right["user_id"].isin(left["user_id"])).sum())
-    frame = frame.drop(columns="_merge")
-
-    # A missing outcome row means no conversion and no revenue in the window.
-    for column in ("converted", "redeemed"):
-        frame[column] = frame[column].astype("boolean").fillna(False).astype(bool)
-    frame["revenue_cents"] = frame["revenue_cents"].fillna(0).astype(np.int64)
-    frame["discount_cents"] = frame["discount_cents"].fillna(0).astype(np.int64)
-    frame["expected_cost_cents"] = frame["expected_cost_cents"].astype(np.int64)
-    notes.append(
-        f"{without_outcome} of {len(frame)} allocated users have no outcome row, so "
-        "they count as not converted, not redeemed, with 0 revenue and 0 discount."
-    )
-    if orphans:
+def _split_check(
+    frame: pd.DataFrame, stratum_source: str | None, notes: list[str]
+) -> SplitCheck | None:
+    if stratum_source is None:
         notes.append(
-            f"{orphans} outcome rows belong to users outside the allocation and are "
-            "ignored."
+            "The allocation has no stratum column and no send_at, so a change of "
+            "the holdout share over time cannot be checked."
         )
-    return frame, notes, without_outcome, orphans
+        return None
+    return check_split_change(
+        frame[STRATUM_COLUMN], frame["group_name"] == HOLDOUT, stratum_source
+    )
 
 
-def _validate_campaigns(allocation: pd.DataFrame, outcomes: pd.DataFrame) -> None:
-    if "campaign_id" not in outcomes.columns:
-        return
-    campaigns = sorted(outcomes["campaign_id"].astype(str).unique())
-    if len(campaigns) > 1:
-        raise ValueError(
-            f"outcomes frame contains several campaigns {campaigns[:5]}; pass the "
-            "outcomes of one campaign"
+def _control_note(has_policy_arm: bool) -> str:
+    if has_policy_arm:
+        return (
+            "Each arm's control is the holdout users whose policy choice was that arm, "
+            "so treated and control users are alike. An arm without such holdout "
+            "users is compared with the whole holdout."
         )
-    if "campaign_id" in allocation.columns and campaigns:
-        allocated = sorted(allocation["campaign_id"].astype(str).unique())
-        if allocated != campaigns:
-            raise ValueError(
-                f"outcomes of campaign {campaigns[0]!r} do not match the allocation "
-                f"of campaign(s) {allocated[:5]}; pass both frames of one campaign"
+    return (
+        f"The allocation has no {POLICY_ARM_COLUMN} column, so every arm is "
+        "compared with the whole holdout. The difference then mixes the coupon's "
+        "effect with how the users the policy picked differ from the average."
+    )
+
+
+def _engagement_notes(
+    offered: pd.DataFrame, logged: frozenset[str], notes: list[str]
+) -> None:
+    for column in ("opened", "clicked"):
+        if column not in logged:
+            notes.append(f"The outcomes have no {column} column, so its rate is n/a.")
+        elif len(offered) > 0 and not offered[column].any():
+            notes.append(
+                f"{column} is False for every treated user, so it may not be logged."
             )
 
 
-def _validate_allocation(allocation: pd.DataFrame) -> None:
-    duplicated = allocation["user_id"][allocation["user_id"].duplicated()]
-    if not duplicated.empty:
-        raise ValueError(
-            f"allocation frame: user_id {duplicated.iloc[0]!r} appears more than "
-            "once; pass one allocation version"
+def _arm_inputs(
+    arm: str, offered: pd.DataFrame, holdout: pd.DataFrame, has_policy_arm: bool
+) -> ArmInputs:
+    """Pair the arm's treated users with the holdout users the policy gave the arm."""
+    treated = offered[offered["arm"] == arm]
+    if not has_policy_arm:
+        return ArmInputs(
+            arm, treated, holdout, f"whole holdout (no {POLICY_ARM_COLUMN} column)"
         )
-    unknown = sorted(set(allocation["group_name"].astype(str)) - set(GROUP_NAMES))
-    if unknown:
-        raise ValueError(
-            f"allocation frame: group_name must be one of {list(GROUP_NAMES)}, got "
-            f"{unknown[:5]}"
+    matched = holdout[holdout[POLICY_ARM_COLUMN].astype(str) == arm]
+    if len(matched) > 0:
+        return ArmInputs(
+            arm, treated, matched, f"holdout users whose policy choice was {arm}"
         )
-
-
-def _control_for(
-    arm: str, holdout: pd.DataFrame, has_policy_arm: bool
-) -> tuple[pd.DataFrame, str]:
-    if has_policy_arm:
-        matched = holdout[holdout[POLICY_ARM_COLUMN].astype(str) == arm]
-        if len(matched) > 0:
-            return matched, f"holdout users whose policy choice was {arm}"
-        return holdout, f"whole holdout (no holdout user had policy choice {arm})"
-    return holdout, f"whole holdout (no {POLICY_ARM_COLUMN} column)"
-
-
-def _analyze_arm(
-    arm: str,
-    treated_rows: pd.DataFrame,
-    control: tuple[pd.DataFrame, str],
-    margin_rate: float,
-    alpha: float,
-    withheld: bool,
-) -> ArmResult:
-    control_rows, control_source = control
-    treated = summarize_group(treated_rows)
-    control_summary = summarize_group(control_rows)
-    reasons: dict[str, str] = {}
-
-    rate_difference: Interval | None = None
-    incremental_conversions: Interval | None = None
-    if control_summary.users == 0:
-        reasons["conversion_rate_difference"] = "no holdout users to compare with"
-        reasons["incremental_conversions"] = "no holdout users to compare with"
-    else:
-        rate_difference = newcombe_difference(
-            treated.conversions,
-            treated.users,
-            control_summary.conversions,
-            control_summary.users,
-            alpha,
-        )
-        incremental_conversions = rate_difference.scaled(treated.users)
-
-    revenue, revenue_reason = welch_difference(
-        treated_rows["revenue_cents"], control_rows["revenue_cents"], alpha
-    )
-    if revenue_reason:
-        reasons["incremental_revenue_per_user_cents"] = revenue_reason
-    profit, profit_reason = welch_difference(
-        treated_rows["profit_cents"], control_rows["profit_cents"], alpha
-    )
-    profit_total = profit.scaled(treated.users) if profit else None
-    if profit_reason:
-        reasons["incremental_profit_per_user_cents"] = profit_reason
-        reasons["incremental_profit_cents"] = profit_reason
-
-    roi: float | None = None
-    if profit_total is None:
-        reasons["roi"] = "incremental profit is undefined"
-    elif treated.discount_cost_cents == 0:
-        reasons["roi"] = "discount cost is 0"
-    else:
-        roi = finite_or_none(profit_total.estimate / treated.discount_cost_cents)
-
-    return ArmResult(
-        arm=arm,
-        treated=treated,
-        control=control_summary,
-        control_source=control_source,
-        conversion_rate_difference=rate_difference,
-        incremental_conversions=incremental_conversions,
-        incremental_revenue_per_user_cents=revenue,
-        incremental_profit_per_user_cents=profit,
-        incremental_profit_cents=profit_total,
-        roi=roi,
-        verdict=_verdict(profit_total, reasons, withheld),
-        reasons=reasons,
+    return ArmInputs(
+        arm,
+        treated,
+        holdout,
+        f"whole holdout (no holdout user had policy choice {arm})",
     )
 
 
-def _verdict(
-    profit_total: Interval | None, reasons: dict[str, str], withheld: bool
-) -> str:
-    if withheld:
-        return SRM_WITHHELD
-    if profit_total is None:
-        return f"withheld: {reasons['incremental_profit_cents']}"
-    if profit_total.low > 0:
-        return "profitable: the incremental profit CI lies above 0"
-    if profit_total.high < 0:
-        return "unprofitable: the incremental profit CI lies below 0"
-    return "inconclusive: the incremental profit CI contains 0"
+def _sequences(
+    inputs: list[ArmInputs], days: list[str], alpha: float
+) -> tuple[list[ArmSequence], str | None]:
+    """Return each arm's daily confidence sequences, or none and the reason.
 
-
-def _uplift_summary(
-    offered: pd.DataFrame, holdout: pd.DataFrame, has_policy_arm: bool
-) -> UpliftSummary:
-    """Score ``score_uplift`` on offered treatment users against the holdout.
-
-    Treatment users without an offer are left out because they received nothing. With
-    ``policy_arm`` the holdout is limited to users the policy would have given an
-    offer, so both sides come from the same randomized population.
+    Look ``d`` contains the users whose outcome was observed by the end of UTC day
+    ``d``.
     """
-    if has_policy_arm:
-        control = holdout[holdout[POLICY_ARM_COLUMN].astype(str) != CONTROL_ARM]
-        population = (
-            "treatment users with an offer against holdout users the policy would "
-            "have given an offer"
-        )
-    else:
-        control = holdout
-        population = "treatment users with an offer against the whole holdout"
-    users = pd.concat([offered, control], ignore_index=True)
-    treated = np.concatenate(
-        [np.ones(len(offered), dtype=bool), np.zeros(len(control), dtype=bool)]
-    )
-    empty = UpliftSummary(
-        population=population,
-        users=len(users),
-        treated_users=len(offered),
-        control_users=len(control),
-        qini_coefficient=None,
-        auuc=None,
-        uplift_at_k={},
-        curve_fraction=[],
-        curve_gain=[],
-    )
-    if len(offered) == 0 or len(control) == 0:
-        reason = "needs treated and control users, got " + (
-            f"{len(offered)} and {len(control)}"
-        )
-        empty.reasons.update(
-            qini_coefficient=reason, auuc=reason, uplift_at_k=reason, curve=reason
-        )
-        return empty
-
-    score = users["score_uplift"].to_numpy(dtype=np.float64)
-    outcome = users["converted"].to_numpy(dtype=np.float64)
-    fraction, gain = _curve_points(*uplift.qini_curve(score, treated, outcome))
-    at_k = {
-        f"top_{round(100 * k)}_percent": uplift.uplift_at_k(score, treated, outcome, k)
-        for k in UPLIFT_AT_K
-    }
-    return UpliftSummary(
-        population=population,
-        users=len(users),
-        treated_users=len(offered),
-        control_users=len(control),
-        qini_coefficient=finite_or_none(
-            uplift.qini_coefficient(score, treated, outcome)
-        ),
-        auuc=finite_or_none(uplift.auuc(score, treated, outcome)),
-        uplift_at_k={key: value for key, value in at_k.items() if math.isfinite(value)},
-        curve_fraction=fraction,
-        curve_gain=gain,
-    )
-
-
-def _curve_points(
-    x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]
-) -> tuple[list[float], list[float]]:
-    """Return at most ``CURVE_POINTS`` finite points of a curve, ends included."""
-    if x.size == 0:
-        return [], []
-    keep = np.unique(np.linspace(0, x.size - 1, min(CURVE_POINTS, x.size)).astype(int))
-    points = [
-        (float(a), float(b))
-        for a, b in zip(x[keep], y[keep], strict=True)
-        if math.isfinite(a) and math.isfinite(b)
-    ]
-    return [a for a, _ in points], [b for _, b in points]
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, np.bool_ | bool):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return finite_or_none(float(value))
-    return value
+    # NOTE: this assumes observed_at is when a user's attribution window closed, as
+    # the simulator writes it. If it were the conversion time, early looks would
+    # hold the converters first and the cumulative comparison would be biased.
+    if not days:
+        return [], "the outcomes have no observed_at column"
+    if len(days) < 2:
+        return [], f"every outcome was observed on one day ({days[0]})"
+    sequences = []
+    for item in inputs:
+        for metric, column in SEQUENTIAL_METRICS.items():
+            looks = confidence_sequence(
+                item.treated[column].to_numpy(dtype=np.float64),
+                item.treated["observed_day"],
+                item.control[column].to_numpy(dtype=np.float64),
+                item.control["observed_day"],
+                alpha,
+            )
+            sequences.append(ArmSequence(item.arm, metric, looks))
+    return sequences, None

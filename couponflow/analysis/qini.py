@@ -10,12 +10,10 @@ import numpy.typing as npt
 import pandas as pd
 
 from couponflow import uplift
+from couponflow.analysis.inputs import POLICY_ARM_COLUMN
 from couponflow.analysis.stats import finite_or_none
 from couponflow.schemas import CONTROL_ARM
 
-# The holdout users' policy choice; without it every arm is compared with the whole
-# holdout.
-POLICY_ARM_COLUMN = "policy_arm"
 # Points kept of the Qini curve, enough for a smooth plot at report size.
 CURVE_POINTS = 201
 # Top shares of users, by descending score, at which uplift_at_k is reported.
@@ -39,7 +37,6 @@ class UpliftSummary:
     curve_fraction: list[float]
     curve_gain: list[float]
     reasons: dict[str, str] = field(default_factory=dict)
-
 
 
 def uplift_summary(
@@ -119,5 +116,3 @@ def _curve_points(
         if math.isfinite(a) and math.isfinite(b)
     ]
     return [a for a, _ in points], [b for _, b in points]
-
-

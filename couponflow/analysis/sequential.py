@@ -4,14 +4,14 @@ A confidence sequence covers the true effect at every look at once with probabil
 at least ``1 - alpha``, so reading the report every day does not inflate the false
 positive rate the way repeated fixed-horizon intervals do.
 
-Formula: the two-sided normal-mixture (conjugate mixture) boundary of Robbins,
-tuned as in Howard, Ramdas, McAuliffe and Sekhon, "Time-uniform, nonparametric,
-nonasymptotic confidence sequences" (Annals of Statistics, 2021), and used with an
-estimated variance as the asymptotic confidence sequence of Waudby-Smith, Arbour,
-Sinha, Kennedy and Ramdas, "Time-uniform central limit theory and asymptotic
-confidence sequences" (arXiv:2103.06476). Both papers are cited from memory. The
-margin and the choice of rho were checked against ``std_conjmix_margin`` and
-``best_rho2_exact`` in the second paper's R code (github.com/WannabeSmith/drconfseq,
+Formula: the two-sided normal-mixture (conjugate mixture) boundary of Robbins, tuned
+as in Howard, Ramdas, McAuliffe and Sekhon, "Time-uniform, nonparametric,
+nonasymptotic confidence sequences" (Annals of Statistics, 2021). With an estimated
+variance it is the asymptotic confidence sequence of Waudby-Smith, Arbour, Sinha,
+Kennedy and Ramdas, "Time-uniform central limit theory and asymptotic confidence
+sequences" (arXiv:2103.06476). Both papers are cited from memory. The margin and the
+choice of rho were checked against ``std_conjmix_margin`` and ``best_rho2_exact`` in
+the second paper's R code (github.com/WannabeSmith/drconfseq,
 R/asymptotic_confseq.R). With ``t`` users at a look and ``rho2`` the mixture
 variance, the unit-variance margin is
 
@@ -19,9 +19,9 @@ variance, the unit-variance margin is
 
 and ``rho2 = (-W_{-1}(-alpha^2 exp(alpha^2 - 1)) - 1) / t_opt`` makes the sequence
 tightest at ``t_opt`` users (``W_{-1}`` is the lower branch of Lambert's W). For two
-groups the per-user variance is ``t * (s_t^2 / n_t + s_c^2 / n_c)``, which makes
-this the sequence of the augmented inverse-propensity pseudo-outcome whose outcome
-models are the two group means. Validity is asymptotic: it needs enough users per
+groups the per-user variance is ``t * (s_t^2 / n_t + s_c^2 / n_c)``. Asymptotically
+this is the sequence of the augmented inverse-propensity pseudo-outcome whose outcome
+models are the two group means. Validity is asymptotic, so it needs enough users per
 group for the central limit theorem, as a fixed-horizon Welch interval does.
 """
 
@@ -149,8 +149,10 @@ def confidence_sequence(
         variance = float(t_row["var"] / n_t + c_row["var"] / n_c)
         users = n_t + n_c
         standard_error = math.sqrt(max(variance, 0.0))
-        half_width = standard_error * math.sqrt(users) * float(
-            normal_mixture_margin([users], rho_squared, alpha)[0]
+        half_width = (
+            standard_error
+            * math.sqrt(users)
+            * float(normal_mixture_margin([users], rho_squared, alpha)[0])
         )
         if standard_error > 0.0:
             statistic = estimate / standard_error

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -502,6 +502,26 @@ def finite_or_none(value: float | None) -> float | None:
         return None
     number = float(value)
     return number if math.isfinite(number) else None
+
+
+def json_safe(value: Any) -> Any:
+    """Return ``value`` with NumPy scalars as Python ones and NaN or inf as None.
+
+    Dicts, lists, tuples and sets are converted recursively (sets sorted).
+    """
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, frozenset | set):
+        return [json_safe(item) for item in sorted(value)]
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.bool_ | bool):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return finite_or_none(float(value))
+    return value
 
 
 def _validate_counts(successes: int, trials: int) -> None:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 OPEN_BANDIT_FOLDER = "open_bandit_dataset_obd"
 POLICIES: tuple[str, ...] = ("random", "bts")
 CAMPAIGNS: tuple[str, ...] = ("all", "men", "women")
-# Each impression shows three items, at positions 1 (left) to 3 (right).
+# Each impression shows three items, at positions 1 to 3.
 N_POSITIONS = 3
 LOG_COLUMNS: tuple[str, ...] = (
     "timestamp",
@@ -45,7 +45,7 @@ REWARD_MODEL_FOLDS = 2
 class OpenBanditComparison:
     """Off-policy estimates of the bts click rate next to its on-policy rate.
 
-    ``estimates`` holds the IPS, SNIPS and DR estimates from the random logs, and
+    ``estimates`` contains the IPS, SNIPS and DR estimates from the random logs, and
     ``on_policy`` the mean click of the bts logs with its normal-approximation CI.
     """
 
