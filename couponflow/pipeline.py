@@ -278,6 +278,9 @@ def score_campaign(campaign_id: str, offers: list[str]) -> dict[str, Any]:
     entity = latest[["user_id", "event_timestamp"]]
     users = training_frame(settings, entity)
     coupons = active_offers(lake.read_lake_table(settings, "coupons"), offers, as_of)
+    dropped: list[str] = []
+    if not offers:
+        coupons, dropped = drop_losing_offers(settings, coupons)
 
     p = model.predict_conversion(users, coupons)
     basket = expected_basket_cents(users["aov_cents"])
@@ -296,10 +299,57 @@ def score_campaign(campaign_id: str, offers: list[str]) -> dict[str, Any]:
         "campaign_id": campaign_id,
         "users": len(users),
         "offers": coupons["coupon_id"].tolist(),
+        "dropped_offers": dropped,
         "as_of": as_of.isoformat(),
         "model_uri": getattr(model, "model_uri", "champion"),
         "folder": str(folder),
     }
+
+
+def latest_campaign_summary(settings: Settings) -> dict[str, Any] | None:
+    """Return the newest trustworthy experiment summary, or None when there is none."""
+    from couponflow.analysis import load_campaign_summary
+
+    assert settings.reports_dir is not None
+    summaries = []
+    for path in settings.reports_dir.glob("*/summary.json"):
+        summary = load_campaign_summary(path)
+        if summary.get("trustworthy"):
+            # Reports live in a folder named after their campaign.
+            summaries.append({**summary, "campaign_id": path.parent.name})
+    if not summaries:
+        return None
+    return max(summaries, key=lambda summary: str(summary.get("generated_at", "")))
+
+
+def drop_losing_offers(
+    settings: Settings, coupons: pd.DataFrame
+) -> tuple[pd.DataFrame, list[str]]:
+    """Remove the coupons whose incremental profit the last experiment found negative.
+
+    This is how an experiment's result feeds the next campaign when its Params name
+    no offers. Offers the experiment did not test stay in the catalogue.
+    """
+    from couponflow.analysis import offers_to_drop
+
+    summary = latest_campaign_summary(settings)
+    if summary is None:
+        return coupons, []
+    dropped = sorted(set(offers_to_drop(summary)) & set(coupons["coupon_id"]))
+    if dropped:
+        log.info(
+            "dropping offers %s: campaign %s found their incremental profit negative",
+            dropped,
+            summary.get("campaign_id"),
+        )
+    kept = coupons[~coupons["coupon_id"].isin(dropped)].reset_index(drop=True)
+    if kept.empty:
+        campaign = summary.get("campaign_id")
+        raise ValueError(
+            f"the experiment of campaign {campaign} dropped every offer; name the "
+            "offers in the Params to override it"
+        )
+    return kept, dropped
 
 
 def expected_basket_cents(aov_cents: pd.Series) -> np.ndarray:
@@ -445,6 +495,7 @@ def analyze_campaign(campaign_id: str) -> dict[str, Any]:
         outcomes,
         margin_rate=settings.margin_rate,
         expected_holdout_fraction=design,
+        covariates=pre_period_spend(settings, allocation),
     )
     assert settings.reports_dir is not None
     path = settings.reports_dir / campaign_id / "report.html"
@@ -456,6 +507,43 @@ def analyze_campaign(campaign_id: str) -> dict[str, Any]:
         "mlflow_run_id": run_id,
         "trustworthy": bool(result.trustworthy),
     }
+
+
+def pre_period_spend(
+    settings: Settings, allocation: pd.DataFrame
+) -> pd.DataFrame | None:
+    """Return each user's 30-day spend before the send time, the CUPED covariate.
+
+    Taken from the latest feature snapshot at or before the user's send time, so it
+    cannot be affected by the campaign. None when there are no features.
+    """
+    assert settings.feature_dir is not None
+    path = settings.feature_dir / "user_features.parquet"
+    if not path.exists() or "send_at" not in allocation.columns:
+        return None
+    features = pd.read_parquet(
+        path, columns=["user_id", "event_timestamp", "spend_30d_cents"]
+    )
+    features["event_timestamp"] = pd.to_datetime(features["event_timestamp"], utc=True)
+    users = allocation[["user_id", "send_at"]].dropna().copy()
+    users["send_at"] = pd.to_datetime(users["send_at"], utc=True)
+    users["user_id"] = users["user_id"].astype(str)
+    features["user_id"] = features["user_id"].astype(str)
+    joined = pd.merge_asof(
+        users.sort_values("send_at"),
+        features.sort_values("event_timestamp"),
+        left_on="send_at",
+        right_on="event_timestamp",
+        by="user_id",
+        direction="backward",
+    )
+    joined = joined.dropna(subset=["spend_30d_cents"])
+    return pd.DataFrame(
+        {
+            "user_id": joined["user_id"],
+            "pre_spend_cents": joined["spend_30d_cents"].astype("int64"),
+        }
+    )
 
 
 def _design_holdout_fraction(

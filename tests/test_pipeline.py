@@ -68,3 +68,47 @@ def test_active_offers_filters_and_checks() -> None:
         active_offers(catalogue, ["nope"], at)
     with pytest.raises(ValueError, match="no requested coupon is valid"):
         active_offers(catalogue, [], start - pd.Timedelta(days=1))
+
+
+def _write_summary(settings: Settings, campaign: str, stamp: str, **fields) -> None:
+    import json
+
+    assert settings.reports_dir is not None
+    folder = settings.reports_dir / campaign
+    folder.mkdir(parents=True)
+    summary = {
+        "summary_version": 2,
+        "generated_at": stamp,
+        "trustworthy": True,
+        "arms": [
+            {"arm": "pct-10", "decision": "drop"},
+            {"arm": "amt-500", "decision": "keep"},
+        ],
+        **fields,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_last_experiment_drops_losing_offers(tmp_path) -> None:
+    from couponflow.pipeline import drop_losing_offers
+
+    settings = Settings(home=tmp_path)
+    start = pd.Timestamp("2026-09-01T00:00:00Z")
+    catalogue = coupon_catalogue(start, start + pd.Timedelta(days=30), 100)
+    kept, dropped = drop_losing_offers(settings, catalogue)
+    assert dropped == []
+    assert len(kept) == len(catalogue)
+
+    _write_summary(settings, "older", "2026-10-01T00:00:00+00:00")
+    _write_summary(
+        settings,
+        "untrusted",
+        "2026-12-01T00:00:00+00:00",
+        trustworthy=False,
+        arms=[{"arm": "amt-500", "decision": "drop"}],
+    )
+    kept, dropped = drop_losing_offers(settings, catalogue)
+    assert dropped == ["pct-10"]
+    assert "pct-10" not in set(kept["coupon_id"])
+    assert "amt-500" in set(kept["coupon_id"])
+    assert len(kept) == len(catalogue) - 1
