@@ -300,13 +300,20 @@ def design_catalogue(
     breeds the rest by tournament selection, crossover (a child draws its coupons
     from the union of two parents) and mutation of single parameters. Every coupon
     comes from ``space``, so each meets its margin floor and maximum face value.
-    The same inputs and ``seed`` give the same catalogue and history.
+    The same inputs and ``seed`` give the same catalogue and history. The search
+    is genetic rather than simulated annealing because crossover recombines good
+    coupons found in different catalogues, and because a whole generation shares
+    one model call for its new coupons, whose score columns are then cached.
 
     With ``max_users``, a seeded sample of that many users is searched, and the
     budget is scaled by the sampled share. ``starts_at`` defaults to the latest
     ``event_timestamp`` of ``users``, and the coupons stay valid ``catalogue_days``
     from it. Stock is the number of users, because an allocation gives each user
     one coupon at most.
+
+    NOTE: the model scores coupons unlike its training arms by extrapolation, and
+    the search favours exactly the coupons it overrates. Check a design on the
+    simulator's truth or in a randomized campaign before relying on its objective.
     """
     space = space or DesignSpace()
     _check_search_arguments(
@@ -704,7 +711,7 @@ class _Operators:
     def crossover(
         self, first: Catalogue, second: Catalogue, n_coupons: int
     ) -> Catalogue:
-        # Both parents hold n_coupons distinct coupons, so the pool holds enough.
+        # Each parent has n_coupons distinct coupons, so the pool contains enough.
         pool = list(dict.fromkeys(first + second))
         picked = self.rng.choice(len(pool), size=n_coupons, replace=False)
         return tuple(sorted(pool[i] for i in sorted(picked)))
@@ -781,7 +788,8 @@ def _evaluate_generation(
 ) -> tuple[Ranked, GenerationStats]:
     new = evaluator.score_new_coupons(population)
     scored = [(catalogue, evaluator.objective(catalogue)) for catalogue in population]
-    # Best first. Equal objectives keep the catalogue order, which is deterministic.
+    # Best first, and ties go to the lower catalogue in tuple order, so the ranking
+    # does not depend on the order of the population.
     ranked = sorted(scored, key=lambda pair: (-pair[1], pair[0]))
     objectives = [objective for _, objective in scored]
     stats = GenerationStats(

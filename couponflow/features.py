@@ -45,11 +45,12 @@ DAY_PARTS: dict[str, tuple[int, int]] = {
     "evening": (18, 24),
 }
 
-# Output columns and their pandas dtypes, in order. Frequency, spend, events,
-# sessions, browse seconds, click depth, cart rate and views per session cover 30
-# days. frequency_90d, AOV, the view price index, affinity, top category, peak hour
-# and hour shares cover 90 days. Recency looks back up to RECENCY_SENTINEL_DAYS.
-# mobile_device is 1 when the users table lists the user's device as "mobile".
+# Output columns and their pandas dtypes, in order. Frequency (purchase events),
+# spend, events, sessions, browse seconds, click depth, cart rate and views per
+# session cover 30 days. Orders (sessions with a purchase), AOV (spend per order),
+# the view price index, affinity, top category, peak hour and hour shares cover 90
+# days. Recency looks back up to RECENCY_SENTINEL_DAYS.
+# uses_app is 1 when the users table lists the store's app as the user's device.
 FEATURE_COLUMNS: dict[str, str] = {
     "user_id": "string",
     "event_timestamp": UTC_TS,
@@ -68,12 +69,12 @@ FEATURE_COLUMNS: dict[str, str] = {
     "peak_hour": "int64",
     **{f"hour_share_{part}": "float64" for part in DAY_PARTS},
     "days_since_signup": "float64",
-    "frequency_90d": "int64",
+    "orders_90d": "int64",
     "views_per_session_30d": "float64",
     "view_price_index_90d": "float64",
-    "mobile_device": "int64",
+    "uses_app": "int64",
 }
-MOBILE_DEVICE = "mobile"
+APP_DEVICE = "app"
 
 _EVENT_COLUMNS = (
     "user_id",
@@ -122,6 +123,8 @@ _COUNT_NAMES = [
     *_HOUR_COUNTS,
     *_CATEGORY_VIEWS,
 ]
+# Counts of distinct sessions, from the session reduction.
+_SESSION_COUNTS = ["sessions_30d", "orders_90d"]
 _FIRST_CATEGORY = _COUNT_NAMES.index(_CATEGORY_COUNTS[0])
 _FIRST_HOUR = _COUNT_NAMES.index(_HOUR_COUNTS[0])
 _FIRST_CATEGORY_VIEW = _COUNT_NAMES.index(_CATEGORY_VIEWS[0])
@@ -479,22 +482,35 @@ def _empty_window_sums() -> pd.DataFrame:
 
 
 def _session_pairs(part: pd.DataFrame, times: list[pd.Timestamp]) -> pd.DataFrame:
-    """Return the distinct (user, as-of index, session) of one partition's 30 days."""
+    """Return one partition's distinct (user, as-of index, session, count) rows.
+
+    The count is "sessions_30d" for a session with an event in the 30 days before
+    the as-of time, and "orders_90d" for one with a purchase in the 90 days.
+    """
     part = part.dropna(subset=["user_id", "event_ts", "session_id"])
     stamps = part["event_ts"].astype("int64").to_numpy()
+    is_purchase = (part["event_type"] == "purchase").fillna(False).to_numpy(bool)
     pairs = part[["user_id", "session_id"]]
     pieces = []
     for index, as_of in enumerate(times):
-        in_window = (stamps < as_of.value) & (stamps >= (as_of - SHORT_WINDOW).value)
-        if in_window.any():
-            distinct = pairs[in_window].drop_duplicates()
-            pieces.append(distinct.assign(as_of_index=index))
+        before = stamps < as_of.value
+        windows = {
+            "sessions_30d": before & (stamps >= (as_of - SHORT_WINDOW).value),
+            "orders_90d": before
+            & is_purchase
+            & (stamps >= (as_of - LONG_WINDOW).value),
+        }
+        for count, in_window in windows.items():
+            if in_window.any():
+                distinct = pairs[in_window].drop_duplicates()
+                pieces.append(distinct.assign(as_of_index=index, count=count))
     if not pieces:
         return pd.DataFrame(
             {
                 "user_id": pd.Series(dtype="string"),
                 "session_id": pd.Series(dtype="string"),
                 "as_of_index": pd.Series(dtype="int64"),
+                "count": pd.Series(dtype="string"),
             }
         )
     return pd.concat(pieces, ignore_index=True)
@@ -506,8 +522,13 @@ def _combine_session_pairs(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _count_sessions(frame: pd.DataFrame) -> pd.DataFrame:
-    counts = _combine_session_pairs(frame).groupby(_KEYS, observed=True).size()
-    return counts.rename("sessions_30d").reset_index().astype({"sessions_30d": "int64"})
+    """Return sessions_30d and orders_90d per (user, as-of index)."""
+    distinct = _combine_session_pairs(frame)
+    counts = distinct.groupby([*_KEYS, "count"], observed=True).size()
+    table = counts.unstack("count", fill_value=0)
+    table = table.reindex(columns=_SESSION_COUNTS, fill_value=0)
+    table.columns.name = None
+    return table.reset_index().astype({name: "int64" for name in _SESSION_COUNTS})
 
 
 def _assemble(
@@ -527,7 +548,7 @@ def _assemble(
             "or missing from the users table",
             unmatched,
         )
-    for column in [*_SHORT_SUMS, *_LONG_SUMS, "sessions_30d"]:
+    for column in [*_SHORT_SUMS, *_LONG_SUMS, *_SESSION_COUNTS]:
         sum_dtype = np.float64 if column in _FLOAT_SUMS else np.int64
         sums[column] = sums[column].fillna(0).astype(sum_dtype)
 
@@ -541,7 +562,7 @@ def _assemble(
             .clip(upper=RECENCY_SENTINEL_DAYS),
             "frequency_30d": sums["purchases_30d"],
             "spend_30d_cents": sums["spend_30d"],
-            "aov_cents": _rounded_mean(sums["spend_90d"], sums["purchases_90d"]),
+            "aov_cents": _rounded_mean(sums["spend_90d"], sums["orders_90d"]),
             "events_30d": sums["events_30d"],
             "sessions_30d": sums["sessions_30d"],
             "browse_seconds_30d": sums["dwell_30d"],
@@ -553,10 +574,10 @@ def _assemble(
     _add_hour_features(out, sums)
     since_signup = sums["event_timestamp"] - sums["signup_ts"]
     out["days_since_signup"] = since_signup.dt.total_seconds() / 86_400
-    out["frequency_90d"] = sums["purchases_90d"]
+    out["orders_90d"] = sums["orders_90d"]
     out["views_per_session_30d"] = _share(sums["views_30d"], sums["sessions_30d"])
     out["view_price_index_90d"] = _view_price_index(sums, totals)
-    out["mobile_device"] = (sums["device"] == MOBILE_DEVICE).fillna(False).astype(int)
+    out["uses_app"] = (sums["device"] == APP_DEVICE).fillna(False).astype(int)
     out = out.sort_values(["event_timestamp", "user_id"], ignore_index=True)
     return out.astype(FEATURE_COLUMNS)[list(FEATURE_COLUMNS)]
 

@@ -52,6 +52,9 @@ ATTRIBUTION_DAYS = 7
 MIN_DAYS = PAST_SEND_DAYS_BEFORE_END + 1
 NEW_USER_SHARE = 0.12
 SURE_THING_SHARE = 0.08
+# Deal seekers are very price sensitive (Beta(8, 2), mean 0.8), the others little
+# (Beta(2, 8), mean 0.2).
+DEAL_SEEKER_SHARE = 0.3
 
 # True response. One order's basket is lognormal around the user's mean basket. A
 # basket up to TOPUP_BAND below a coupon's min_spend is topped up to min_spend with
@@ -103,10 +106,10 @@ MAX_QUANTITY = 10
 MEAN_DWELL_SECONDS = (35.0, 20.0, 12.0, 60.0, 90.0)
 REGIONS = ("north", "south", "east", "west", "central")
 REGION_WEIGHTS = (0.2, 0.25, 0.2, 0.2, 0.15)
-DEVICES = ("mobile", "desktop", "tablet")
-# Device weights of app users and of the others: about 60% mobile overall.
-APP_USER_DEVICE_WEIGHTS = (0.85, 0.0, 0.15)
-OTHER_DEVICE_WEIGHTS = (0.4, 0.45, 0.15)
+# App users shop in the store's app, which the users table lists as their device.
+DEVICES = ("app", "mobile", "desktop", "tablet")
+APP_USER_DEVICE_WEIGHTS = (1.0, 0.0, 0.0, 0.0)
+OTHER_DEVICE_WEIGHTS = (0.0, 0.45, 0.4, 0.15)
 
 # coupon_id, kind, value, min_spend_cents, category, valid_days, stock per user,
 # channels. Value is cents for amount_off and free_shipping, basis points for
@@ -438,7 +441,10 @@ def _latent_and_coupons(
 
 def _draw_latent(rng: np.random.Generator, n_users: int) -> pd.DataFrame:
     n = n_users
-    price_sensitivity = rng.beta(2.0, 2.5, n)
+    deal_seeker = rng.random(n) < DEAL_SEEKER_SHARE
+    price_sensitivity = np.where(
+        deal_seeker, rng.beta(8.0, 2.0, n), rng.beta(2.0, 8.0, n)
+    )
     tastes = rng.dirichlet(np.full(len(CATEGORIES), 0.6), n)
     evening = rng.random(n) < 0.6
     pref_hour = (
@@ -461,7 +467,6 @@ def _draw_latent(rng: np.random.Generator, n_users: int) -> pd.DataFrame:
     # Purchase sessions are Poisson with rate sessions * purchase_prob per day, so
     # this is the chance of at least one purchase in the attribution window.
     p0 = 1.0 - np.exp(-ATTRIBUTION_DAYS * sessions_per_day * purchase_prob)
-    # Drawn last, so that the traits above stay those of earlier versions.
     app_user = rng.random(n) < APP_USER_SHARE
 
     latent = pd.DataFrame(
@@ -479,6 +484,7 @@ def _draw_latent(rng: np.random.Generator, n_users: int) -> pd.DataFrame:
             "topup_prob": 0.2 + 0.6 * price_sensitivity,
             "engagement": engagement,
             "p0": p0,
+            "deal_seeker": deal_seeker,
             "app_user": app_user,
         }
     )
@@ -559,23 +565,37 @@ def _draw_events(
     tastes = latent[list(TASTE_COLUMNS)].to_numpy()
     category = _sample_rows(rng, tastes[view_user])
     skew = 1.0 + 3.0 * sensitivity[view_user]
+    # Position in the category's price ladder, cheapest at 0.
+    price_position = rng.random(len(view_session)) ** skew
     item_rank = np.minimum(
-        (ITEMS_PER_CATEGORY * rng.random(len(view_session)) ** skew).astype(np.int64),
+        (ITEMS_PER_CATEGORY * price_position).astype(np.int64),
         ITEMS_PER_CATEGORY - 1,
     )
-    view_item = category * ITEMS_PER_CATEGORY + item_rank
     is_last = view_rank == n_views[view_session] - 1
     forced = purchase_session[view_session] & is_last
     clicked = (rng.random(len(view_session)) < CLICK_GIVEN_VIEW) | forced
     carted = (clicked & (rng.random(len(view_session)) < CART_GIVEN_CLICK)) | forced
 
-    # Purchase sessions buy every carted item, in quantities that bring the order
-    # near a basket drawn around the user's mean basket.
-    bought = carted & purchase_session[view_session]
-    n_bought = np.bincount(view_session[bought], minlength=n_sessions)
+    # A purchase session orders about a basket drawn around the user's mean basket,
+    # split evenly over its carted items. Its last viewed item is one the share
+    # buys 1 to MAX_QUANTITY units of, and other carted items are bought when
+    # their price fits the share. So an order's value tracks the user's basket.
     basket = latent["basket_cents"].to_numpy(np.float64)[session_user] * np.exp(
         ORDER_LOG_SIGMA * rng.standard_normal(n_sessions) - ORDER_LOG_SIGMA**2 / 2
     )
+    in_purchase = carted & purchase_session[view_session]
+    n_candidates = np.bincount(view_session[in_purchase], minlength=n_sessions)
+    candidate_share = basket / np.maximum(n_candidates, 1)
+    item_rank[forced] = _affordable_rank(
+        item_prices,
+        category[forced],
+        candidate_share[view_session[forced]],
+        price_position[forced],
+    )
+    view_item = category * ITEMS_PER_CATEGORY + item_rank
+    fits = item_prices[view_item] <= candidate_share[view_session]
+    bought = forced | (in_purchase & fits)
+    n_bought = np.bincount(view_session[bought], minlength=n_sessions)
     share = basket[view_session] / np.maximum(n_bought[view_session], 1)
     quantity = np.clip(
         np.round(share / item_prices[view_item]), 1, MAX_QUANTITY
@@ -707,6 +727,36 @@ def _event_times(
     latest_start = end_ns - duration.astype(np.int64) - 1_000_000_000
     session_ns = np.minimum(session_start_ns, latest_start)
     return session_ns[event_session] + offset
+
+
+def _affordable_rank(
+    item_prices: IntArray,
+    category: IntArray,
+    share: FloatArray,
+    price_position: FloatArray,
+) -> IntArray:
+    """Return an item rank per row among the category's items priced in a share.
+
+    The items are those priced from ``share / MAX_QUANTITY`` to ``share``, and
+    ``price_position`` in [0, 1) picks one, cheapest first. A category without such
+    an item gives its item nearest to the range.
+    """
+    rank = np.zeros(len(category), dtype=np.int64)
+    for code in range(len(CATEGORIES)):
+        rows = np.flatnonzero(category == code)
+        if rows.size == 0:
+            continue
+        ladder = item_prices[
+            code * ITEMS_PER_CATEGORY : (code + 1) * ITEMS_PER_CATEGORY
+        ]
+        low = np.searchsorted(ladder, share[rows] / MAX_QUANTITY, side="left")
+        high = np.searchsorted(ladder, share[rows], side="right") - 1
+        low = np.clip(low, 0, ITEMS_PER_CATEGORY - 1)
+        high = np.clip(high, low, ITEMS_PER_CATEGORY - 1)
+        width = high - low + 1
+        pick = np.minimum((width * price_position[rows]).astype(np.int64), width - 1)
+        rank[rows] = low + pick
+    return rank
 
 
 def _sample_rows(rng: np.random.Generator, weights: FloatArray) -> IntArray:

@@ -89,14 +89,16 @@ def build_definitions(settings: Settings) -> Definitions:
             Field(name="hour_share_afternoon", dtype=Float64),
             Field(name="hour_share_evening", dtype=Float64),
             Field(name="days_since_signup", dtype=Float64),
-            Field(name="frequency_90d", dtype=Int64),
+            Field(
+                name="orders_90d", dtype=Int64, description="Sessions with a purchase."
+            ),
             Field(name="views_per_session_30d", dtype=Float64),
             Field(
                 name="view_price_index_90d",
                 dtype=Float64,
                 description="Viewed prices over the category's typical price; 0: none.",
             ),
-            Field(name="mobile_device", dtype=Int64, description="1 for mobile."),
+            Field(name="uses_app", dtype=Int64, description="1: device is the app."),
         ],
         online=True,
         source=user_features_source,

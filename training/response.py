@@ -48,10 +48,10 @@ USER_FEATURES: tuple[str, ...] = (
     "hour_share_afternoon",
     "hour_share_evening",
     "days_since_signup",
-    "frequency_90d",
+    "orders_90d",
     "views_per_session_30d",
     "view_price_index_90d",
-    "mobile_device",
+    "uses_app",
 )
 # Profile outputs, used when the training frame has them. The profile segment is left
 # out on purpose: KMeans renumbers its clusters on every profile run, so a segment id

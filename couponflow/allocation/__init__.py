@@ -1,7 +1,10 @@
 """Campaign allocation: score offers, choose one per user under a budget, store plans.
 
 A campaign run calls :func:`score_offers`, :func:`solve_budget`,
-:func:`assign_campaign` and :func:`write_allocation` in that order.
+:func:`assign_campaign` and :func:`write_allocation` in that order. The full problem
+(offer x channel x send hour per user, with stock, capacity and eligibility) goes
+through :func:`build_eligibility`, :func:`solve_allocation` (or
+:func:`solve_allocation_dask`), :func:`allocate_campaign` and :func:`plan_rows`.
 """
 
 from couponflow.allocation.baselines import likeliest_buyers, oracle, random_targeting
@@ -12,7 +15,41 @@ from couponflow.allocation.campaign import (
     assign_campaign,
     draw_holdout,
 )
+from couponflow.allocation.dask_solver import solve_allocation_dask
+from couponflow.allocation.eligibility import (
+    EligibilityRules,
+    build_eligibility,
+    exposure_history,
+)
+from couponflow.allocation.exact import ExactSolution, solve_allocation_exact
+from couponflow.allocation.lagrangian import (
+    Allocation,
+    SolverParams,
+    dual_bound,
+    solve_allocation,
+)
+from couponflow.allocation.options import (
+    NO_OPTION,
+    UNLIMITED,
+    AllocationSpec,
+    NpyPartition,
+    UserOptions,
+    expand_over_channels,
+    write_partitions,
+)
+from couponflow.allocation.policy import (
+    RandomizedAllocation,
+    allocate_campaign,
+    draw_groups,
+    plan_rows,
+)
 from couponflow.allocation.scoring import OfferScores, score_offers
+from couponflow.allocation.send_hours import (
+    SendHours,
+    activity_from_features,
+    channel_reach,
+    choose_send_hours,
+)
 from couponflow.allocation.solver import (
     NO_OFFER,
     LPSolution,
@@ -29,20 +66,45 @@ from couponflow.allocation.storage import (
 __all__ = [
     "HOLDOUT",
     "NO_OFFER",
+    "NO_OPTION",
     "PLAN_COLUMNS",
     "TREATMENT",
+    "UNLIMITED",
+    "Allocation",
+    "AllocationSpec",
+    "EligibilityRules",
+    "ExactSolution",
     "LPSolution",
+    "NpyPartition",
     "OfferScores",
+    "RandomizedAllocation",
+    "SendHours",
     "Solution",
+    "SolverParams",
+    "UserOptions",
+    "activity_from_features",
+    "allocate_campaign",
     "assign_campaign",
+    "build_eligibility",
+    "channel_reach",
+    "choose_send_hours",
     "current_version",
+    "draw_groups",
     "draw_holdout",
+    "dual_bound",
+    "expand_over_channels",
+    "exposure_history",
     "likeliest_buyers",
     "oracle",
+    "plan_rows",
     "random_targeting",
     "read_current_allocation",
     "score_offers",
+    "solve_allocation",
+    "solve_allocation_dask",
+    "solve_allocation_exact",
     "solve_budget",
     "solve_budget_lp",
     "write_allocation",
+    "write_partitions",
 ]

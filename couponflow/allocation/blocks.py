@@ -1,4 +1,4 @@
-"""Per-block steps of the full allocation solver, shared by the in-memory and Dask paths.
+"""Per-block steps of the full allocation solver, for the in-memory and Dask paths.
 
 A block is a contiguous range of users. Every function here works on one block and
 returns exact integer totals or short lists of values, so the central steps give the
@@ -37,8 +37,11 @@ _OPTION_BITS = 8
 
 @dataclass(frozen=True)
 class Multipliers:
-    """Lagrange multipliers in cents of objective: ``lam`` per cent of expected
-    discount cost, ``mu`` per grant of each offer, ``nu`` per message of each channel."""
+    """Lagrange multipliers in cents of objective.
+
+    ``lam`` is per cent of expected discount cost, ``mu`` per grant of each offer and
+    ``nu`` per message of each channel.
+    """
 
     lam: float
     mu: FloatArray
@@ -49,8 +52,10 @@ class Multipliers:
         penalty = self.mu[spec.option_offer] + self.nu[spec.option_channel]
         return np.asarray(penalty, dtype=np.float32)
 
-    def with_value(self, by_offer: bool | None, index: int, value: float) -> Multipliers:
-        """Return a copy with one multiplier changed: ``by_offer`` None means ``lam``."""
+    def with_value(
+        self, by_offer: bool | None, index: int, value: float
+    ) -> Multipliers:
+        """Return a copy with one multiplier changed; ``by_offer`` None is ``lam``."""
         if by_offer is None:
             return Multipliers(value, self.mu.copy(), self.nu.copy())
         mu, nu = self.mu.copy(), self.nu.copy()
@@ -104,7 +109,7 @@ class Grants:
             cost=np.concatenate([p.cost for p in parts]).astype(np.float32),
         )
 
-    def take(self, index: npt.ArrayLike) -> Grants:
+    def take(self, index: IntArray) -> Grants:
         return Grants(
             self.users[index], self.option[index], self.net[index], self.cost[index]
         )
@@ -182,28 +187,34 @@ class Margins:
 class CandidateBlock:
     """The few best options of each user of a block, and each user's current choice.
 
-    Columns are users with at least one usable option, in ascending global row order;
-    arrays are ``(n_slots, n_rows)``. A slot with option -1 is padding, with net
-    profit ``-inf`` and offer and channel -1. ``choice`` is a slot or -1.
+    Arrays are ``(n_slots, n_rows)``, column ``r`` for global user row
+    ``first_user + r``. Each user's slots hold options in ascending index order, and
+    padding slots come last with option -1, offer and channel -1, net profit
+    ``-inf`` and cost 0. ``choice`` is a slot or -1.
     """
 
-    users: IntArray
+    first_user: int
     option: npt.NDArray[np.int16]
     offer: npt.NDArray[np.int8]
     channel: npt.NDArray[np.int8]
     net: Float32Array
     cost: Float32Array
+    quanta: IntArray
     choice: npt.NDArray[np.int8]
 
     @property
     def n_rows(self) -> int:
-        return int(self.users.size)
+        return int(self.choice.size)
+
+    @property
+    def users(self) -> IntArray:
+        return self.first_user + np.arange(self.n_rows, dtype=np.int64)
 
     def grants(self) -> Grants:
         rows = np.flatnonzero(self.choice != NO_SLOT)
         slots = self.choice[rows]
         return Grants(
-            users=self.users[rows],
+            users=self.first_user + rows.astype(np.int64),
             option=self.option[slots, rows],
             net=self.net[slots, rows],
             cost=self.cost[slots, rows],
@@ -225,7 +236,7 @@ def quantize(cost: npt.ArrayLike) -> IntArray:
     return np.ceil(scaled).astype(np.int64)
 
 
-def exact_sum(values: IntArray) -> int:
+def exact_sum(values: npt.ArrayLike) -> int:
     """Sum int64 quanta without overflow, in chunks whose sums fit in int64."""
     flat = np.ravel(values)
     return sum(
@@ -245,20 +256,8 @@ def usable_values(
     so no multiplier makes it chosen. Raises ``ValueError`` on a NaN, infinite,
     negative or too large score of an eligible option, naming the global user row.
     """
-    n_users, n_options = options.n_users, spec.n_options
-    profit = np.asarray(options.profit_cents).reshape(n_users, n_options)
-    cost = np.asarray(options.cost_cents).reshape(n_users, n_options)
-    eligible = np.asarray(options.eligible).reshape(n_users, n_options)
-    _check_scores(profit, cost, eligible, options.first_user)
-
-    message_cost = spec.message_cost_cents[spec.option_channel].astype(np.float32)
-    is_open = (spec.stock[spec.option_offer] > 0) & (
-        spec.capacity[spec.option_channel] > 0
-    )
-    net = profit - message_cost
-    usable = eligible & is_open & (net > 0)
-    net[~usable] = -np.inf
-    return net, np.where(usable, cost, np.float32(0.0))
+    net, cost, usable = _dense_scores(options, spec)
+    return np.where(usable, net, np.float32(-np.inf)), np.where(usable, cost, 0)
 
 
 def screen_block(
@@ -266,40 +265,40 @@ def screen_block(
     spec: AllocationSpec,
     multipliers: Multipliers,
     n_candidates: int,
-) -> tuple[CandidateBlock, ScreenResult]:
+) -> tuple[list[CandidateBlock], ScreenResult]:
     """Keep each user's ``n_candidates`` best options and choose the best response.
 
     Best means the highest Lagrangian value ``net - lam * cost - mu - nu``, with the
     lower option index first among equal values. The best response is the best
-    option when its value is positive.
+    option when its value is positive. Returns one candidate block per chunk of at
+    most ``CHUNK_USERS`` users, so that int64 sums over a block cannot overflow.
     """
-    parts = [
-        _screen_rows(
-            options.rows(start, min(start + CHUNK_USERS, options.n_users)),
-            spec,
-            multipliers,
-            n_candidates,
-        )
-        for start in range(0, max(options.n_users, 1), CHUNK_USERS)
-    ]
-    blocks = [block for block, _ in parts]
-    block = CandidateBlock(
-        users=np.concatenate([b.users for b in blocks]),
-        option=np.concatenate([b.option for b in blocks], axis=1),
-        offer=np.concatenate([b.offer for b in blocks], axis=1),
-        channel=np.concatenate([b.channel for b in blocks], axis=1),
-        net=np.concatenate([b.net for b in blocks], axis=1),
-        cost=np.concatenate([b.cost for b in blocks], axis=1),
-        choice=np.concatenate([b.choice for b in blocks]),
-    )
+    blocks = []
+    results: list[ScreenResult] = []
+    for start in range(0, options.n_users, CHUNK_USERS):
+        stop = min(start + CHUNK_USERS, options.n_users)
+        # Small pieces keep the temporaries in cache, about twice as fast.
+        pieces = [
+            _screen_rows(
+                options.rows(piece, min(piece + _SCREEN_ROWS, stop)),
+                spec,
+                multipliers,
+                n_candidates,
+            )
+            for piece in range(start, stop, _SCREEN_ROWS)
+        ]
+        blocks.append(_concat_blocks([block for block, _ in pieces]))
+        results.extend(result for _, result in pieces)
     result = ScreenResult(
-        usage=Usage.total([r.usage for _, r in parts]),
-        dual_sum=float(sum(r.dual_sum for _, r in parts)),
+        usage=Usage.total([r.usage for r in results] or [_no_usage(spec)]),
+        dual_sum=float(sum(r.dual_sum for r in results)),
     )
-    return block, result
+    return blocks, result
 
 
-def dual_sum(options: UserOptions, spec: AllocationSpec, multipliers: Multipliers) -> float:
+def dual_sum(
+    options: UserOptions, spec: AllocationSpec, multipliers: Multipliers
+) -> float:
     """Return the sum over users of max(0, best Lagrangian value) over all options."""
     total = 0.0
     penalty = multipliers.option_penalty(spec)
@@ -317,8 +316,7 @@ def respond(
     block: CandidateBlock, spec: AllocationSpec, multipliers: Multipliers
 ) -> tuple[CandidateBlock, Usage]:
     """Set every user to the best response among the candidates; return the use."""
-    choice = _best_slots(block, _slot_values(block, spec, multipliers))
-    updated = replace(block, choice=choice)
+    updated = replace(block, choice=_best_slots(_slot_values(block, spec, multipliers)))
     return updated, block_usage(updated, spec)
 
 
@@ -326,9 +324,23 @@ def budget_use(
     block: CandidateBlock, spec: AllocationSpec, multipliers: Multipliers
 ) -> int:
     """Return the cost quanta of the best responses, without changing the block."""
-    choice = _best_slots(block, _slot_values(block, spec, multipliers))
-    rows = np.flatnonzero(choice != NO_SLOT)
-    return exact_sum(quantize(block.cost[choice[rows], rows]))
+    choice = _best_slots(_slot_values(block, spec, multipliers))
+    return sum(
+        exact_sum(block.quanta[slot] * (choice == slot))
+        for slot in range(block.quanta.shape[0])
+    )
+
+
+def candidate_dual(
+    block: CandidateBlock, spec: AllocationSpec, multipliers: Multipliers
+) -> int:
+    """Return the sum of max(0, best candidate value), in cost quanta rounded up.
+
+    Integer quanta make the sum exact, so decisions on it do not depend on how
+    users are split into blocks.
+    """
+    best = _slot_values(block, spec, multipliers).max(axis=0, initial=0.0)
+    return exact_sum(quantize(best))
 
 
 def margins(
@@ -344,19 +356,20 @@ def margins(
 
     A margin is the best value among the user's candidates of that offer, without
     the offer's own multiplier, minus the best value of the other candidates or 0.
-    The user takes the offer exactly when the margin exceeds the multiplier.
+    The user takes the offer when the margin exceeds the multiplier.
     """
     value = _slot_values(block, spec, multipliers)
     group = block.offer if by_offer else block.channel
     own = multipliers.mu[index] if by_offer else multipliers.nu[index]
     member = group == index
-    inside = np.where(member, value, np.float32(-np.inf)).max(axis=0, initial=-np.inf)
-    outside = np.where(member, np.float32(-np.inf), value).max(axis=0, initial=0.0)
+    # Subtracting a huge number excludes a slot faster than np.where does.
+    inside = (value - ~member * _EXCLUDED).max(axis=0, initial=-np.inf)
+    outside = (value - member * _EXCLUDED).max(axis=0, initial=0.0)
     margin = inside.astype(np.float64) + own - outside
     in_window = (margin > low) & (margin <= high)
     return Margins(
-        above_zero=int((margin > 0).sum()),
-        above_high=int((margin > high).sum()),
+        above_zero=int(np.count_nonzero(margin > 0)),
+        above_high=int(np.count_nonzero(margin > high)),
         window=margin[in_window],
     )
 
@@ -408,9 +421,8 @@ def lowest_ratio_order(grants: Grants) -> IntArray:
 
 def drop_users(block: CandidateBlock, users: IntArray) -> tuple[CandidateBlock, None]:
     """Remove the grants of those given global rows (sorted ascending) in the block."""
-    rows = _rows_of(block, users[_inside(block, users)])
     choice = block.choice.copy()
-    choice[rows] = NO_SLOT
+    choice[_rows_of(block, users)] = NO_SLOT
     return replace(block, choice=choice), None
 
 
@@ -430,28 +442,37 @@ def fill_moves(
     user already uses counts 0, and its ratio is the extra net profit per unit of
     weight. Per user the highest ratio wins, then the lower slot.
     """
-    if block.n_rows == 0:
-        return _no_moves()
     rows = np.arange(block.n_rows)
     chosen = block.choice != NO_SLOT
-    slot = np.where(chosen, block.choice, 0)
-    old_option = np.where(chosen, block.option[slot, rows], NO_OPTION).astype(np.int16)
+    slot = np.maximum(block.choice, 0)
     old_net = np.where(chosen, block.net[slot, rows], np.float32(0.0))
-    old_quanta = np.where(chosen, quantize(block.cost[slot, rows]), 0)
+    old_quanta = np.where(chosen, block.quanta[slot, rows], 0)
+    # A cheap first filter: only users with a more profitable candidate that fits
+    # the budget can move.
+    possible = (block.net > old_net) & (block.quanta - old_quanta <= quanta_left)
+    movers = np.flatnonzero(possible.any(axis=0))
+    if movers.size == 0:
+        return _no_moves()
+    rows, slot, chosen = movers, slot[movers], chosen[movers]
+    old_net, old_quanta = old_net[movers], old_quanta[movers]
+    old_option = np.where(chosen, block.option[slot, rows], NO_OPTION).astype(np.int16)
     old_offer = np.where(chosen, block.offer[slot, rows], -1)
     old_channel = np.where(chosen, block.channel[slot, rows], -1)
+    option, offer, channel = (
+        block.option[:, rows],
+        block.offer[:, rows],
+        block.channel[:, rows],
+    )
+    quanta = block.quanta[:, rows]
 
-    new_quanta = quantize(block.cost)
-    extra_net = block.net.astype(np.float64) - old_net
-    extra_quanta = new_quanta - old_quanta
-    uses_offer = block.offer != old_offer
-    uses_channel = block.channel != old_channel
-    stock = stock_left[np.maximum(block.offer, 0)]
-    capacity = capacity_left[np.maximum(block.channel, 0)]
+    extra_net = block.net[:, rows] - old_net
+    extra_quanta = quanta - old_quanta
+    uses_offer = offer != old_offer
+    uses_channel = channel != old_channel
+    stock = np.take(stock_left, offer, mode="wrap")
+    capacity = np.take(capacity_left, channel, mode="wrap")
     fits = (
-        (block.option >= 0)
-        & (extra_net > 0)
-        & (extra_quanta <= quanta_left)
+        possible[:, rows]
         & (~uses_offer | (stock > 0))
         & (~uses_channel | (capacity > 0))
     )
@@ -460,21 +481,23 @@ def fill_moves(
         + uses_offer / np.maximum(stock, 1)
         + uses_channel / np.maximum(capacity, 1)
     )
-    # A different option always needs a new offer or channel, so weight > 0.
+    # A different option needs a new offer or channel, so a fitting move has
+    # weight > 0; padding slots have net -inf and never fit.
     ratio = np.where(fits, extra_net / np.maximum(weight, 1e-300), -np.inf)
 
+    columns = np.arange(rows.size)
     best_slot = ratio.argmax(axis=0)
-    best_ratio = ratio[best_slot, rows]
-    movers = np.flatnonzero(best_ratio > -np.inf)
-    slots = best_slot[movers]
+    best_ratio = ratio[best_slot, columns]
+    moving = np.flatnonzero(best_ratio > -np.inf)
+    slots = best_slot[moving]
     moves = Moves(
-        users=block.users[movers],
+        users=block.first_user + rows[moving].astype(np.int64),
         slot=slots.astype(np.int8),
-        new_option=block.option[slots, movers],
-        old_option=old_option[movers],
-        new_quanta=new_quanta[slots, movers],
-        old_quanta=old_quanta[movers],
-        ratio=best_ratio[movers],
+        new_option=option[slots, moving],
+        old_option=old_option[moving],
+        new_quanta=quanta[slots, moving],
+        old_quanta=old_quanta[moving],
+        ratio=best_ratio[moving],
     )
     return moves.best(max_moves)
 
@@ -483,10 +506,9 @@ def apply_moves(
     block: CandidateBlock, users: IntArray, slots: npt.NDArray[np.int8]
 ) -> tuple[CandidateBlock, None]:
     """Set those given global rows (sorted ascending) in the block to the slots."""
-    inside = _inside(block, users)
-    rows = _rows_of(block, users[inside])
+    inside = (users >= block.first_user) & (users < block.first_user + block.n_rows)
     choice = block.choice.copy()
-    choice[rows] = slots[inside]
+    choice[users[inside] - block.first_user] = slots[inside]
     return replace(block, choice=choice), None
 
 
@@ -499,8 +521,10 @@ class LocalBlocks:
     """The in-memory path: blocks of one :class:`UserOptions`, run on threads."""
 
     def __init__(self, options: UserOptions, chunk_users: int, threads: int) -> None:
-        if chunk_users < 1:
-            raise ValueError(f"chunk_users must be >= 1, got {chunk_users}")
+        if not 1 <= chunk_users <= CHUNK_USERS:
+            raise ValueError(
+                f"chunk_users must be in [1, {CHUNK_USERS}], got {chunk_users}"
+            )
         self.options = options
         self.n_users = options.n_users
         self.raw = [
@@ -520,7 +544,7 @@ class LocalBlocks:
         self, spec: AllocationSpec, multipliers: Multipliers, n_candidates: int
     ) -> list[ScreenResult]:
         results = self._run(screen_block, self.raw, spec, multipliers, n_candidates)
-        self.blocks = [block for block, _ in results]
+        self.blocks = [block for blocks, _ in results for block in blocks]
         return [result for _, result in results]
 
     def dual_sum(self, spec: AllocationSpec, multipliers: Multipliers) -> float:
@@ -544,46 +568,98 @@ class LocalBlocks:
             return list(pool.map(lambda item: function(item, *args), items))
 
 
+# Users per piece of the screening pass.
+_SCREEN_ROWS = 16_384
+# Subtracted from the value of an unusable option, so that it sorts below every
+# usable one. Values at or below _UNUSABLE mark such options.
+_EXCLUDED = np.float32(np.finfo(np.float32).max)
+_UNUSABLE = np.float32(-1e38)
+
+
+def _dense_scores(
+    options: UserOptions, spec: AllocationSpec
+) -> tuple[Float32Array, Float32Array, npt.NDArray[np.bool_]]:
+    """Return net profit, cost and the usable mask, all ``(n_users, n_options)``."""
+    n_users, n_options = options.n_users, spec.n_options
+    profit = np.asarray(options.profit_cents).reshape(n_users, n_options)
+    cost = np.asarray(options.cost_cents).reshape(n_users, n_options)
+    eligible = np.asarray(options.eligible).reshape(n_users, n_options)
+    if not _check_scores(profit, cost, eligible, options.first_user):
+        # Ineligible options may hold NaN; zero them so arithmetic stays finite.
+        profit = np.where(eligible, profit, np.float32(0.0))
+        cost = np.where(eligible, cost, np.float32(0.0))
+    message_cost = spec.message_cost_cents[spec.option_channel].astype(np.float32)
+    is_open = (spec.stock[spec.option_offer] > 0) & (
+        spec.capacity[spec.option_channel] > 0
+    )
+    net = profit - message_cost
+    usable = eligible & is_open & (net > 0)
+    return net, cost, usable
+
+
 def _screen_rows(
     options: UserOptions,
     spec: AllocationSpec,
     multipliers: Multipliers,
     n_candidates: int,
 ) -> tuple[CandidateBlock, ScreenResult]:
-    net, cost = usable_values(options, spec)
-    value = net - np.float32(multipliers.lam) * cost
+    net, cost, usable = _dense_scores(options, spec)
+    lam = np.float32(multipliers.lam)
+    value: Float32Array = net - lam * cost if lam else net.copy()
     value -= multipliers.option_penalty(spec)
+    value -= ~usable * _EXCLUDED
     n_slots = min(n_candidates, spec.n_options)
-    option, top_value = _top_options(value, n_slots)
+    option, found = _top_options(value, n_slots)
 
-    found = top_value > -np.inf
-    keep = found.any(axis=0)
-    option, top_value, found = option[:, keep], top_value[:, keep], found[:, keep]
-    kept_rows = np.flatnonzero(keep)
-    safe = np.where(found, option, 0)
-    option = np.where(found, option, NO_OPTION).astype(np.int16)
+    n_rows = net.shape[0]
+    rows = np.arange(n_rows)
+    safe = np.minimum(option, spec.n_options - 1)
+    slot_net = net[rows, safe]
+    slot_cost = cost[rows, safe]
+    slot_net[~found] = -np.inf
+    slot_cost[~found] = 0.0
+    pad_offer = np.append(spec.option_offer, -1).astype(np.int8)
+    pad_channel = np.append(spec.option_channel, -1).astype(np.int8)
     block = CandidateBlock(
-        users=options.first_user + kept_rows.astype(np.int64),
-        option=option,
-        offer=np.where(found, spec.option_offer[safe], -1).astype(np.int8),
-        channel=np.where(found, spec.option_channel[safe], -1).astype(np.int8),
-        net=np.where(found, net[kept_rows, safe], np.float32(-np.inf)),
-        cost=np.where(found, cost[kept_rows, safe], np.float32(0.0)),
-        choice=np.zeros(kept_rows.size, dtype=np.int8),
+        first_user=options.first_user,
+        option=np.where(found, option, NO_OPTION).astype(np.int16),
+        offer=pad_offer[option],
+        channel=pad_channel[option],
+        net=slot_net,
+        cost=slot_cost,
+        quanta=quantize(slot_cost),
+        choice=np.zeros(n_rows, dtype=np.int8),
     )
-    block = replace(block, choice=_best_slots(block, top_value))
-    best = top_value.max(axis=0, initial=0.0).astype(np.float64)
+    slot_value = _slot_values(block, spec, multipliers)
+    block = replace(block, choice=_best_slots(slot_value))
+    best = slot_value.max(axis=0, initial=0.0).astype(np.float64)
     result = ScreenResult(usage=block_usage(block, spec), dual_sum=float(best.sum()))
     return block, result
 
 
-def _top_options(value: Float32Array, n_slots: int) -> tuple[IntArray, Float32Array]:
-    """Return the ``n_slots`` highest values per row and their option indices.
+def _concat_blocks(blocks: Sequence[CandidateBlock]) -> CandidateBlock:
+    names = ("option", "offer", "channel", "net", "cost", "quanta")
+    arrays = {
+        name: np.concatenate([getattr(b, name) for b in blocks], axis=1)
+        for name in names
+    }
+    return CandidateBlock(
+        first_user=blocks[0].first_user,
+        choice=np.concatenate([b.choice for b in blocks]),
+        **arrays,
+    )
+
+
+def _top_options(
+    value: Float32Array, n_slots: int
+) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.bool_]]:
+    """Return the options of each row's ``n_slots`` highest values, and which exist.
 
     Each float32 value becomes an int64 key that sorts like the value, with the
     option index in the low bits so that a lower index sorts higher among equal
     values; one partition per row then finds the top keys exactly. The result is
-    ``(n_slots, n_rows)`` in no particular order.
+    ``(n_slots, n_rows)``, each column in ascending option order with unusable
+    options last as index ``n_options``.
     """
     n_rows, n_options = value.shape
     if n_options > MAX_OPTIONS:
@@ -593,7 +669,7 @@ def _top_options(value: Float32Array, n_slots: int) -> tuple[IntArray, Float32Ar
         )
     bits = value.view(np.int32)
     # Flip the magnitude bits of negative floats so that integer order is float
-    # order; -inf becomes the smallest key.
+    # order.
     flip = bits >> 31
     flip &= np.int32(0x7FFFFFFF)
     flip ^= bits
@@ -602,31 +678,53 @@ def _top_options(value: Float32Array, n_slots: int) -> tuple[IntArray, Float32Ar
     if n_slots < n_options:
         key.partition(n_options - n_slots, axis=1)
     top = np.ascontiguousarray(key[:, n_options - n_slots :].T)
-    option = MAX_OPTIONS - 1 - (top & (MAX_OPTIONS - 1))
+    option = (MAX_OPTIONS - 1 - (top & (MAX_OPTIONS - 1))).astype(np.int16)
     ordered = (top >> _OPTION_BITS).astype(np.int32)
     ordered ^= (ordered >> 31) & np.int32(0x7FFFFFFF)
-    return option, ordered.view(np.float32)
+    option[ordered.view(np.float32) <= _UNUSABLE] = n_options
+    _sort_columns(option)
+    return option, option < n_options
+
+
+def _sort_columns(array: npt.NDArray[Any]) -> None:
+    """Sort each column of a few rows in place by odd-even transposition.
+
+    With n rows, n passes of compare-exchange between neighbouring rows sort every
+    column; on few rows this is much faster than numpy's sort along axis 0.
+    """
+    n_rows = array.shape[0]
+    for step in range(n_rows):
+        for row in range(step % 2, n_rows - 1, 2):
+            low = np.minimum(array[row], array[row + 1])
+            np.maximum(array[row], array[row + 1], out=array[row + 1])
+            array[row] = low
 
 
 def _slot_values(
     block: CandidateBlock, spec: AllocationSpec, multipliers: Multipliers
 ) -> Float32Array:
-    penalty = multipliers.option_penalty(spec)
-    value = block.net - np.float32(multipliers.lam) * block.cost
-    value -= penalty[np.maximum(block.option, 0)]
+    lam = np.float32(multipliers.lam)
+    value: Float32Array = block.net - lam * block.cost if lam else block.net.copy()
+    # Padding slots have option -1 and net -inf, so any penalty leaves them -inf.
+    value -= np.take(multipliers.option_penalty(spec), block.option, mode="wrap")
     return value
 
 
-def _best_slots(block: CandidateBlock, value: Float32Array) -> npt.NDArray[np.int8]:
-    """Return per user the slot of the highest positive value, or -1.
+def _best_slots(value: Float32Array) -> npt.NDArray[np.int8]:
+    """Return per user the first slot of the highest positive value, or -1.
 
-    Among equal values the lower option index wins, as in the dense best response.
+    Slots are in ascending option order, so the first of equal values has the
+    lower option index, as in the dense best response.
     """
-    n_slots = value.shape[0]
     best = value.max(axis=0, initial=-np.inf)
-    tied_option = np.where(value == best, block.option, np.int16(MAX_OPTIONS))
-    slot = tied_option.argmin(axis=0) if n_slots else np.zeros(0, dtype=np.int64)
-    return np.where(best > 0, slot, NO_SLOT).astype(np.int8)
+    slot = np.zeros(best.size, dtype=np.int8)
+    seen = np.zeros(best.size, dtype=bool)
+    for index in range(value.shape[0]):
+        equal = value[index] == best
+        slot += (equal & ~seen).view(np.int8) * np.int8(index)
+        seen |= equal
+    positive = best > 0
+    return (slot + np.int8(1)) * positive.view(np.int8) - np.int8(1)
 
 
 def _check_scores(
@@ -634,40 +732,51 @@ def _check_scores(
     cost: npt.NDArray[Any],
     eligible: npt.NDArray[Any],
     first_user: int,
-) -> None:
+) -> bool:
+    """Raise on an invalid score of an eligible option; return whether all are valid."""
     if profit.size == 0:
-        return
+        return True
+    # min and max propagate NaN, and NaN fails every comparison.
     if (
-        np.isfinite(profit).all()
-        and np.isfinite(cost).all()
-        and cost.min() >= 0
+        cost.min() >= 0
         and cost.max() <= MAX_COST_CENTS
+        and profit.min() >= -MAX_COST_CENTS
+        and profit.max() <= MAX_COST_CENTS
     ):
-        return
-    finite = np.isfinite(profit) & np.isfinite(cost)
+        return True
     with np.errstate(invalid="ignore"):
-        bad = eligible & ~(finite & (cost >= 0) & (cost <= MAX_COST_CENTS))
+        valid = (
+            np.isfinite(profit)
+            & np.isfinite(cost)
+            & (cost >= 0)
+            & (cost <= MAX_COST_CENTS)
+            & (np.abs(profit) <= MAX_COST_CENTS)
+        )
+    bad = eligible & ~valid
     if bad.any():
         row, option = np.argwhere(bad)[0]
         raise ValueError(
             f"user row {first_user + int(row)}, option {int(option)}: an eligible "
-            f"option needs finite profit and a cost in [0, {MAX_COST_CENTS}] cents, "
-            f"got profit {profit[row, option]} and cost {cost[row, option]}; fix the "
-            "scores or mark the option ineligible"
+            f"option needs a finite profit within +-{MAX_COST_CENTS} cents and a "
+            f"cost in [0, {MAX_COST_CENTS}] cents, got profit {profit[row, option]} "
+            f"and cost {cost[row, option]}; fix the scores or mark the option "
+            "ineligible"
         )
-
-
-def _inside(block: CandidateBlock, users: IntArray) -> npt.NDArray[np.bool_]:
-    if block.n_rows == 0:
-        return np.zeros(users.size, dtype=bool)
-    return (users >= block.users[0]) & (users <= block.users[-1])
+    return bool(valid.all())
 
 
 def _rows_of(block: CandidateBlock, users: IntArray) -> IntArray:
-    rows = np.searchsorted(block.users, users)
-    if users.size and (rows.max() >= block.n_rows or (block.users[rows] != users).any()):
-        raise ValueError("a user row to update has no candidates in this block")
-    return rows
+    """Return the block's rows of those given global rows that lie in the block."""
+    inside = (users >= block.first_user) & (users < block.first_user + block.n_rows)
+    return users[inside] - block.first_user
+
+
+def _no_usage(spec: AllocationSpec) -> Usage:
+    return Usage(
+        0,
+        np.zeros(spec.n_offers, dtype=np.int64),
+        np.zeros(spec.n_channels, dtype=np.int64),
+    )
 
 
 def _no_moves() -> Moves:

@@ -47,7 +47,9 @@ class AllocationSpec:
     budget_cents: int
     stock: IntArray
     channels: tuple[str, ...] = CHANNELS
-    capacity: IntArray = field(default_factory=lambda: np.full(len(CHANNELS), UNLIMITED))
+    capacity: IntArray = field(
+        default_factory=lambda: np.full(len(CHANNELS), UNLIMITED)
+    )
     message_cost_cents: IntArray = field(
         default_factory=lambda: np.zeros(len(CHANNELS), dtype=np.int64)
     )
@@ -61,7 +63,9 @@ class AllocationSpec:
             raise ValueError(f"channels must be unique and non-empty, got {channels}")
         object.__setattr__(self, "offer_ids", offer_ids)
         object.__setattr__(self, "channels", channels)
-        object.__setattr__(self, "budget_cents", _count("budget_cents", self.budget_cents))
+        object.__setattr__(
+            self, "budget_cents", _count("budget_cents", self.budget_cents)
+        )
         for name, size in (
             ("stock", len(offer_ids)),
             ("capacity", len(channels)),
@@ -222,7 +226,7 @@ def expand_over_channels(
     reach: npt.ArrayLike,
     chunk_users: int = 1 << 18,
 ) -> tuple[Float32Array, Float32Array]:
-    """Scale per-offer scores by each channel's reach into float32 user x offer x channel.
+    """Scale per-offer scores by each channel's reach into users x offers x channels.
 
     ``profit_cents`` and ``cost_cents`` are ``(n_users, n_offers)`` scores for a user
     who sees the message; ``reach`` is ``(n_users, n_channels)``, the probability that
@@ -252,10 +256,14 @@ def expand_over_channels(
         stop = min(start + chunk_users, n_users)
         weights = seen[start:stop, None, :]
         np.multiply(
-            profit[start:stop, :, None].astype(np.float32), weights, out=profit_out[start:stop]
+            profit[start:stop, :, None].astype(np.float32),
+            weights,
+            out=profit_out[start:stop],
         )
         np.multiply(
-            cost[start:stop, :, None].astype(np.float32), weights, out=cost_out[start:stop]
+            cost[start:stop, :, None].astype(np.float32),
+            weights,
+            out=cost_out[start:stop],
         )
     return profit_out, cost_out
 

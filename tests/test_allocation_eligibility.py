@@ -1,0 +1,270 @@
+"""Tests of eligibility rules, exposure history, send hours and channel expansion."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from couponflow.allocation import (
+    EligibilityRules,
+    SendHours,
+    activity_from_features,
+    build_eligibility,
+    channel_reach,
+    choose_send_hours,
+    expand_over_channels,
+    exposure_history,
+)
+from couponflow.schemas import CONTROL_ARM
+
+NOW = datetime(2026, 5, 4, 8, 0, tzinfo=UTC)
+CHANNELS = ("email", "push", "sms")
+
+
+def _users(n_users: int = 1, **columns) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {
+            "days_since_signup": [100.0] * n_users,
+            "events_30d": [10] * n_users,
+            "exposures_in_window": [0] * n_users,
+            "days_since_last_exposure": [np.inf] * n_users,
+            "affinity_fashion": [0.5] * n_users,
+        }
+    )
+    for name, values in columns.items():
+        frame[name] = values
+    return frame
+
+
+def _offers(**columns) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {
+            "coupon_id": ["c1"],
+            "category": ["all"],
+            "channels": ["email,push,sms"],
+            "starts_at": [pd.Timestamp(NOW - timedelta(days=1))],
+            "ends_at": [pd.Timestamp(NOW + timedelta(days=7))],
+        }
+    )
+    for name, values in columns.items():
+        frame[name] = values
+    return frame
+
+
+def _send_at(n_users: int = 1, at: datetime = NOW) -> np.ndarray:
+    stamp = np.datetime64(at.replace(tzinfo=None), "ns")
+    return np.full((n_users, len(CHANNELS)), stamp)
+
+
+class TestBuildEligibility:
+    def test_plain_offer_allowed_everywhere(self) -> None:
+        mask = build_eligibility(_users(), _offers(), _send_at())
+
+        assert mask.shape == (1, 1, 3)
+        assert mask.all()
+
+    def test_new_users_only(self) -> None:
+        users = _users(3, days_since_signup=[5.0, 45.0, np.nan])
+
+        mask = build_eligibility(users, _offers(new_users_only=[True]), _send_at(3))
+
+        # An unknown signup date does not count as new.
+        assert mask[:, 0, 0].tolist() == [True, False, False]
+
+    def test_category_needs_affinity(self) -> None:
+        users = _users(3, affinity_fashion=[0.5, 0.01, np.nan])
+
+        mask = build_eligibility(users, _offers(category=["fashion"]), _send_at(3))
+
+        assert mask[:, 0, 0].tolist() == [True, False, False]
+
+    def test_category_without_affinity_column_raises(self) -> None:
+        with pytest.raises(ValueError, match="affinity_home"):
+            build_eligibility(_users(), _offers(category=["home"]), _send_at())
+
+    def test_minimum_history_rule_and_override(self) -> None:
+        users = _users(3, events_30d=[0, 1, 4])
+
+        default = build_eligibility(users, _offers(), _send_at(3))
+        strict = build_eligibility(users, _offers(min_events_30d=[3]), _send_at(3))
+
+        assert default[:, 0, 0].tolist() == [False, True, True]
+        assert strict[:, 0, 0].tolist() == [False, False, True]
+
+    def test_frequency_cap_global_and_per_user(self) -> None:
+        users = _users(3, exposures_in_window=[2, 3, 3])
+        rules = EligibilityRules(frequency_cap=3)
+
+        capped = build_eligibility(users, _offers(), _send_at(3), rules)
+        per_user = build_eligibility(
+            users.assign(frequency_cap=[1, 5, np.nan]), _offers(), _send_at(3), rules
+        )
+
+        assert capped[:, 0, 0].tolist() == [True, False, False]
+        assert per_user[:, 0, 0].tolist() == [False, True, False]
+
+    def test_cooldown_after_last_exposure(self) -> None:
+        users = _users(3, days_since_last_exposure=[0.5, 2.0, np.nan])
+
+        mask = build_eligibility(
+            users, _offers(), _send_at(3), EligibilityRules(cooldown_days=1.0)
+        )
+
+        assert mask[:, 0, 0].tolist() == [False, True, True]
+
+    def test_listed_and_reachable_channels(self) -> None:
+        users = _users(2, reachable_sms=[True, False])
+
+        mask = build_eligibility(users, _offers(channels=["email, sms"]), _send_at(2))
+
+        assert mask[0, 0].tolist() == [True, False, True]
+        assert mask[1, 0].tolist() == [True, False, False]
+
+    def test_offer_expiring_before_delivery_excluded(self) -> None:
+        lag = EligibilityRules().delivery_lag["email"]
+        ends = NOW + lag
+        offers = _offers(ends_at=[pd.Timestamp(ends)])
+        send_at = _send_at(2)
+        send_at[1, :] = np.datetime64((NOW + timedelta(seconds=1)).replace(tzinfo=None))
+
+        mask = build_eligibility(_users(2), offers, send_at)
+
+        # Delivered exactly at ends_at is still valid; one second later is not.
+        assert mask[:, 0, 0].tolist() == [True, False]
+        # Push arrives sooner, so it still makes it for the second user.
+        assert mask[1, 0, 1]
+
+    def test_offer_not_started_at_delivery_excluded(self) -> None:
+        offers = _offers(starts_at=[pd.Timestamp(NOW + timedelta(hours=2))])
+
+        mask = build_eligibility(_users(), offers, _send_at())
+
+        assert not mask.any()
+
+    @pytest.mark.parametrize(
+        ("users", "offers", "send_at", "message"),
+        [
+            (_users().drop(columns="events_30d"), _offers(), _send_at(), "events_30d"),
+            (_users(), _offers().drop(columns="ends_at"), _send_at(), "ends_at"),
+            (_users(), _offers(), _send_at(2), "send_at must have shape"),
+        ],
+    )
+    def test_rejects_invalid_input(self, users, offers, send_at, message) -> None:
+        with pytest.raises(ValueError, match=message):
+            build_eligibility(users, offers, send_at)
+
+
+class TestExposureHistory:
+    def test_counts_window_and_recency(self) -> None:
+        exposures = pd.DataFrame(
+            {
+                "user_id": ["a", "a", "a", "b", "c", "a"],
+                "arm": ["c1", "c2", "c1", CONTROL_ARM, "c1", "c1"],
+                "send_at": pd.to_datetime(
+                    [
+                        NOW - timedelta(days=1),
+                        NOW - timedelta(days=3),
+                        NOW - timedelta(days=20),
+                        NOW - timedelta(days=1),
+                        NOW - timedelta(hours=12),
+                        NOW + timedelta(days=1),
+                    ],
+                    utc=True,
+                ),
+            }
+        )
+
+        history = exposure_history(exposures, ["a", "b", "c", "d"], NOW, window_days=7)
+
+        assert history["exposures_in_window"].tolist() == [2, 0, 1, 0]
+        since = history["days_since_last_exposure"].tolist()
+        assert since[0] == pytest.approx(1.0)
+        # Control rows sent nothing, and future rows do not count.
+        assert since[1] == np.inf
+        assert since[2] == pytest.approx(0.5)
+        assert since[3] == np.inf
+
+    def test_rejects_naive_time(self) -> None:
+        frame = pd.DataFrame(columns=["user_id", "arm", "send_at"])
+        with pytest.raises(ValueError, match="timezone-aware"):
+            exposure_history(frame, ["a"], datetime(2026, 1, 1), 7)
+
+
+class TestSendHours:
+    def test_best_hour_per_channel(self) -> None:
+        activity = np.full((2, 24), 0.1, dtype=np.float32)
+        activity[0, 7] = 1.0
+        activity[0, 21] = 0.9
+        activity[1, 22] = 1.0
+        reach = channel_reach(
+            {"email": 0.2, "push": 0.5, "sms": 0.9},
+            send_hours={"sms": range(9, 21)},
+        )
+
+        hours = choose_send_hours(activity, reach)
+
+        assert hours.hour[0].tolist() == [7, 7, 9]
+        assert hours.hour[1].tolist() == [22, 22, 9]
+        assert hours.reach[0, 0] == pytest.approx(0.2)
+        assert hours.reach[1, 2] == pytest.approx(0.09)
+
+    def test_send_times_after_start(self) -> None:
+        hours = SendHours(
+            hour=np.array([[7, 9, 12]], dtype=np.int8),
+            reach=np.ones((1, 3), dtype=np.float32),
+        )
+
+        times = hours.send_times(NOW)
+
+        expected = ["2026-05-05T07:00", "2026-05-04T09:00", "2026-05-04T12:00"]
+        assert times.dtype == np.dtype("datetime64[ns]")
+        np.testing.assert_array_equal(
+            times[0], np.array(expected, dtype="datetime64[ns]")
+        )
+
+    def test_activity_from_features(self) -> None:
+        features = pd.DataFrame(
+            {
+                "hour_share_night": [0.0, 0.0],
+                "hour_share_morning": [0.6, 0.0],
+                "hour_share_afternoon": [0.4, 0.0],
+                "hour_share_evening": [0.0, 0.0],
+                "peak_hour": [14, -1],
+            }
+        )
+
+        activity = activity_from_features(features)
+
+        assert activity.shape == (2, 24)
+        assert activity[0].argmax() == 14
+        assert activity[0].max() == pytest.approx(1.0)
+        assert activity[0, 2] == 0.0
+        # A user without events is equally active at every hour.
+        assert (activity[1] == 1.0).all()
+
+    def test_expand_scales_by_reach(self) -> None:
+        profit = np.array([[10.0, -4.0]])
+        cost = np.array([[2.0, 1.0]])
+        reach = np.array([[1.0, 0.5, 0.0]])
+
+        profit3, cost3 = expand_over_channels(profit, cost, reach, chunk_users=1)
+
+        assert profit3.dtype == np.float32
+        assert profit3.shape == (1, 2, 3)
+        np.testing.assert_allclose(profit3[0], [[10.0, 5.0, 0.0], [-4.0, -2.0, 0.0]])
+        np.testing.assert_allclose(cost3[0, 0], [2.0, 1.0, 0.0])
+
+    @pytest.mark.parametrize(
+        ("activity", "reach", "message"),
+        [
+            (np.ones((2, 23)), np.ones((3, 24)), "activity must be"),
+            (np.ones((2, 24)), np.ones((2, 24)), "reach_by_hour must be"),
+            (np.full((2, 24), 2.0), np.ones((3, 24)), r"\[0, 1\]"),
+        ],
+    )
+    def test_rejects_invalid_input(self, activity, reach, message) -> None:
+        with pytest.raises(ValueError, match=message):
+            choose_send_hours(activity, reach)
