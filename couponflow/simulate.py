@@ -65,7 +65,7 @@ ORDER_LOG_SIGMA = 0.5
 TOPUP_BAND = 0.3
 BASKET_ITEMS = 3
 # Logit gain per unit of expected discount share, scaled by price sensitivity.
-GAIN_PER_DEPTH = 6.0
+GAIN_PER_DEPTH = 10.0
 # Logit gain of being reminded of the store, scaled by the chance that the coupon
 # is redeemable, so that a coupon nobody can use is no free reminder.
 REMINDER_GAIN = 0.15

@@ -18,6 +18,7 @@ LOOP_USERS = 400
 LOOP_DAYS = 24
 LOOP_SEED = 5
 CAMPAIGN = "loop-001"
+PAST_CAMPAIGN = "past-001"
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,10 @@ def loop(settings: Settings) -> dict[str, object]:
     )
     answer_campaign(settings, CAMPAIGN, LOOP_SEED)
     states["ingest_outcomes"] = task_states(run_dag(settings, "ingest_events"))
+    # An empty campaign id analyzes every campaign with outcomes: the randomized
+    # past campaign and the one just allocated.
     states["analyze_experiment"] = task_states(
-        run_dag(settings, "analyze_experiment", {"campaign_id": CAMPAIGN})
+        run_dag(settings, "analyze_experiment", {"campaign_id": ""})
     )
     return {"states": states, "budget": budget}
 
@@ -108,22 +111,30 @@ def test_report_and_summary_written(
     assert settings.reports_dir is not None
     report = settings.reports_dir / CAMPAIGN / "report.html"
     assert report.exists()
-    html = report.read_text()
-    assert "data:image/png;base64," in html
     summary = json.loads((report.parent / "summary.json").read_text())
     assert CAMPAIGN in summary["title"]
     assert summary["trustworthy"] in (True, False)
-    assert {arm["decision"] for arm in summary["arms"]} <= {"keep", "drop"}
+
+    # The randomized past campaign sent every coupon, so its report plots each arm.
+    past = settings.reports_dir / PAST_CAMPAIGN / "report.html"
+    assert "data:image/png;base64," in past.read_text(), "the report has no plot"
+    past_summary = json.loads((past.parent / "summary.json").read_text())
+    assert len(past_summary["arms"]) == 6
+    assert {arm["decision"] for arm in past_summary["arms"]} <= {"keep", "drop"}
 
 
 def test_champion_registered(loop: dict[str, object], settings: Settings) -> None:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    client = MlflowClient(
+        tracking_uri=settings.mlflow_tracking_uri,
+        registry_uri=settings.mlflow_tracking_uri,
+    )
     champion = client.get_model_version_by_alias(
         settings.response_model_name, "champion"
     )
-    assert champion.version == "1"
+    assert str(champion.version) == "1"
+    assert "champion" in champion.aliases
 
 
 def test_serving_returns_offer_for_user_zero(

@@ -187,13 +187,15 @@ class Margins:
 class CandidateBlock:
     """The few best options of each user of a block, and each user's current choice.
 
-    Arrays are ``(n_slots, n_rows)``, column ``r`` for global user row
-    ``first_user + r``. Each user's slots hold options in ascending index order, and
-    padding slots come last with option -1, offer and channel -1, net profit
+    Rows are the users with at least one usable option, and ``users`` holds their
+    global rows in ascending order. Arrays are ``(n_slots, n_rows)``, and each
+    user's slots hold options in ascending index order with padding last. A padding
+    slot has option ``n_options``, offer ``n_offers`` and channel ``n_channels``
+    (indices past the end, because negative ones make ``np.take`` slow), net profit
     ``-inf`` and cost 0. ``choice`` is a slot or -1.
     """
 
-    first_user: int
+    users: IntArray
     option: npt.NDArray[np.int16]
     offer: npt.NDArray[np.int8]
     channel: npt.NDArray[np.int8]
@@ -206,18 +208,13 @@ class CandidateBlock:
     def n_rows(self) -> int:
         return int(self.choice.size)
 
-    @property
-    def users(self) -> IntArray:
-        return self.first_user + np.arange(self.n_rows, dtype=np.int64)
-
     def grants(self) -> Grants:
-        rows = np.flatnonzero(self.choice != NO_SLOT)
-        slots = self.choice[rows]
+        rows, flat = _chosen(self, self.choice)
         return Grants(
-            users=self.first_user + rows.astype(np.int64),
-            option=self.option[slots, rows],
-            net=self.net[slots, rows],
-            cost=self.cost[slots, rows],
+            users=self.users[rows],
+            option=np.take(self.option, flat),
+            net=np.take(self.net, flat),
+            cost=np.take(self.cost, flat),
         )
 
 
@@ -320,6 +317,13 @@ def respond(
     return updated, block_usage(updated, spec)
 
 
+def best_usage(
+    block: CandidateBlock, spec: AllocationSpec, multipliers: Multipliers
+) -> Usage:
+    """Return the use of the best responses, without changing the block."""
+    return _usage_of(block, spec, _best_slots(_slot_values(block, spec, multipliers)))
+
+
 def budget_use(
     block: CandidateBlock, spec: AllocationSpec, multipliers: Multipliers
 ) -> int:
@@ -376,7 +380,7 @@ def margins(
 
 def block_usage(block: CandidateBlock, spec: AllocationSpec) -> Usage:
     """Return the exact use of the limits by the block's current choices."""
-    return block.grants().usage(spec)
+    return _usage_of(block, spec, block.choice)
 
 
 def lowest_count_grants(
@@ -422,7 +426,7 @@ def lowest_ratio_order(grants: Grants) -> IntArray:
 def drop_users(block: CandidateBlock, users: IntArray) -> tuple[CandidateBlock, None]:
     """Remove the grants of those given global rows (sorted ascending) in the block."""
     choice = block.choice.copy()
-    choice[_rows_of(block, users)] = NO_SLOT
+    choice[_rows_of(block, users)[0]] = NO_SLOT
     return replace(block, choice=choice), None
 
 
@@ -442,37 +446,35 @@ def fill_moves(
     user already uses counts 0, and its ratio is the extra net profit per unit of
     weight. Per user the highest ratio wins, then the lower slot.
     """
-    rows = np.arange(block.n_rows)
+    n_rows = block.n_rows
     chosen = block.choice != NO_SLOT
-    slot = np.maximum(block.choice, 0)
-    old_net = np.where(chosen, block.net[slot, rows], np.float32(0.0))
-    old_quanta = np.where(chosen, block.quanta[slot, rows], 0)
+    flat = np.maximum(block.choice, 0).astype(np.intp) * n_rows + np.arange(n_rows)
+    old_net = np.where(chosen, np.take(block.net, flat), np.float32(0.0))
+    old_quanta = np.where(chosen, np.take(block.quanta, flat), 0)
     # A cheap first filter: only users with a more profitable candidate that fits
     # the budget can move.
     possible = (block.net > old_net) & (block.quanta - old_quanta <= quanta_left)
     movers = np.flatnonzero(possible.any(axis=0))
     if movers.size == 0:
         return _no_moves()
-    rows, slot, chosen = movers, slot[movers], chosen[movers]
+    chosen, flat = chosen[movers], flat[movers]
     old_net, old_quanta = old_net[movers], old_quanta[movers]
-    old_option = np.where(chosen, block.option[slot, rows], NO_OPTION).astype(np.int16)
-    old_offer = np.where(chosen, block.offer[slot, rows], -1)
-    old_channel = np.where(chosen, block.channel[slot, rows], -1)
-    option, offer, channel = (
-        block.option[:, rows],
-        block.offer[:, rows],
-        block.channel[:, rows],
-    )
-    quanta = block.quanta[:, rows]
+    old_option = np.where(chosen, np.take(block.option, flat), NO_OPTION)
+    old_offer = np.where(chosen, np.take(block.offer, flat), -1)
+    old_channel = np.where(chosen, np.take(block.channel, flat), -1)
+    option = np.take(block.option, movers, axis=1)
+    offer = np.take(block.offer, movers, axis=1)
+    channel = np.take(block.channel, movers, axis=1)
+    quanta = np.take(block.quanta, movers, axis=1)
 
-    extra_net = block.net[:, rows] - old_net
+    extra_net = np.take(block.net, movers, axis=1) - old_net
     extra_quanta = quanta - old_quanta
     uses_offer = offer != old_offer
     uses_channel = channel != old_channel
-    stock = np.take(stock_left, offer, mode="wrap")
-    capacity = np.take(capacity_left, channel, mode="wrap")
+    stock = np.take(np.append(stock_left, 0), offer)
+    capacity = np.take(np.append(capacity_left, 0), channel)
     fits = (
-        possible[:, rows]
+        np.take(possible, movers, axis=1)
         & (~uses_offer | (stock > 0))
         & (~uses_channel | (capacity > 0))
     )
@@ -485,19 +487,18 @@ def fill_moves(
     # weight > 0; padding slots have net -inf and never fit.
     ratio = np.where(fits, extra_net / np.maximum(weight, 1e-300), -np.inf)
 
-    columns = np.arange(rows.size)
-    best_slot = ratio.argmax(axis=0)
-    best_ratio = ratio[best_slot, columns]
-    moving = np.flatnonzero(best_ratio > -np.inf)
-    slots = best_slot[moving]
+    best_slot = _first_max_slots(ratio)
+    columns = np.flatnonzero(ratio.max(axis=0) > -np.inf)
+    slots = best_slot[columns]
+    picked = slots.astype(np.intp) * movers.size + columns
     moves = Moves(
-        users=block.first_user + rows[moving].astype(np.int64),
-        slot=slots.astype(np.int8),
-        new_option=option[slots, moving],
-        old_option=old_option[moving],
-        new_quanta=quanta[slots, moving],
-        old_quanta=old_quanta[moving],
-        ratio=best_ratio[moving],
+        users=block.users[movers[columns]],
+        slot=slots,
+        new_option=np.take(option, picked),
+        old_option=old_option[columns].astype(np.int16),
+        new_quanta=np.take(quanta, picked),
+        old_quanta=old_quanta[columns],
+        ratio=np.take(ratio, picked),
     )
     return moves.best(max_moves)
 
@@ -506,9 +507,9 @@ def apply_moves(
     block: CandidateBlock, users: IntArray, slots: npt.NDArray[np.int8]
 ) -> tuple[CandidateBlock, None]:
     """Set those given global rows (sorted ascending) in the block to the slots."""
-    inside = (users >= block.first_user) & (users < block.first_user + block.n_rows)
+    rows, inside = _rows_of(block, users)
     choice = block.choice.copy()
-    choice[users[inside] - block.first_user] = slots[inside]
+    choice[rows] = slots[inside]
     return replace(block, choice=choice), None
 
 
@@ -611,24 +612,26 @@ def _screen_rows(
     n_slots = min(n_candidates, spec.n_options)
     option, found = _top_options(value, n_slots)
 
-    n_rows = net.shape[0]
-    rows = np.arange(n_rows)
+    # Slots are sorted with padding last, so a user has a usable option when the
+    # first slot is not padding.
+    kept = np.flatnonzero(found[0])
+    option, found = option[:, kept], found[:, kept]
     safe = np.minimum(option, spec.n_options - 1)
-    slot_net = net[rows, safe]
-    slot_cost = cost[rows, safe]
+    slot_net = net[kept, safe]
+    slot_cost = cost[kept, safe]
     slot_net[~found] = -np.inf
     slot_cost[~found] = 0.0
-    pad_offer = np.append(spec.option_offer, -1).astype(np.int8)
-    pad_channel = np.append(spec.option_channel, -1).astype(np.int8)
+    pad_offer = np.append(spec.option_offer, spec.n_offers).astype(np.int8)
+    pad_channel = np.append(spec.option_channel, spec.n_channels).astype(np.int8)
     block = CandidateBlock(
-        first_user=options.first_user,
-        option=np.where(found, option, NO_OPTION).astype(np.int16),
+        users=options.first_user + kept.astype(np.int64),
+        option=option,
         offer=pad_offer[option],
         channel=pad_channel[option],
         net=slot_net,
         cost=slot_cost,
         quanta=quantize(slot_cost),
-        choice=np.zeros(n_rows, dtype=np.int8),
+        choice=np.zeros(kept.size, dtype=np.int8),
     )
     slot_value = _slot_values(block, spec, multipliers)
     block = replace(block, choice=_best_slots(slot_value))
@@ -639,12 +642,16 @@ def _screen_rows(
 
 def _concat_blocks(blocks: Sequence[CandidateBlock]) -> CandidateBlock:
     names = ("option", "offer", "channel", "net", "cost", "quanta")
+    # Fancy indexing can return column-major arrays, and reductions over the slot
+    # axis are many times slower on those, so every array is made row-major.
     arrays = {
-        name: np.concatenate([getattr(b, name) for b in blocks], axis=1)
+        name: np.ascontiguousarray(
+            np.concatenate([getattr(b, name) for b in blocks], axis=1)
+        )
         for name in names
     }
     return CandidateBlock(
-        first_user=blocks[0].first_user,
+        users=np.concatenate([b.users for b in blocks]),
         choice=np.concatenate([b.choice for b in blocks]),
         **arrays,
     )
@@ -705,8 +712,9 @@ def _slot_values(
 ) -> Float32Array:
     lam = np.float32(multipliers.lam)
     value: Float32Array = block.net - lam * block.cost if lam else block.net.copy()
-    # Padding slots have option -1 and net -inf, so any penalty leaves them -inf.
-    value -= np.take(multipliers.option_penalty(spec), block.option, mode="wrap")
+    # Padding slots have net -inf, so the extra penalty entry leaves them -inf.
+    penalty = np.append(multipliers.option_penalty(spec), np.float32(0.0))
+    value -= np.take(penalty, block.option)
     return value
 
 
@@ -716,15 +724,25 @@ def _best_slots(value: Float32Array) -> npt.NDArray[np.int8]:
     Slots are in ascending option order, so the first of equal values has the
     lower option index, as in the dense best response.
     """
-    best = value.max(axis=0, initial=-np.inf)
+    positive = value.max(axis=0, initial=-np.inf) > 0
+    slot = _first_max_slots(value)
+    return (slot + np.int8(1)) * positive.view(np.int8) - np.int8(1)
+
+
+def _first_max_slots(value: npt.NDArray[Any]) -> npt.NDArray[np.int8]:
+    """Return per column the first row holding the column's maximum.
+
+    A loop over the few rows with boolean masks is much faster than ``argmax``
+    along axis 0.
+    """
+    best = value.max(axis=0)
     slot = np.zeros(best.size, dtype=np.int8)
     seen = np.zeros(best.size, dtype=bool)
     for index in range(value.shape[0]):
         equal = value[index] == best
         slot += (equal & ~seen).view(np.int8) * np.int8(index)
         seen |= equal
-    positive = best > 0
-    return (slot + np.int8(1)) * positive.view(np.int8) - np.int8(1)
+    return slot
 
 
 def _check_scores(
@@ -765,10 +783,35 @@ def _check_scores(
     return bool(valid.all())
 
 
-def _rows_of(block: CandidateBlock, users: IntArray) -> IntArray:
-    """Return the block's rows of those given global rows that lie in the block."""
-    inside = (users >= block.first_user) & (users < block.first_user + block.n_rows)
-    return users[inside] - block.first_user
+def _rows_of(
+    block: CandidateBlock, users: IntArray
+) -> tuple[IntArray, npt.NDArray[np.bool_]]:
+    """Return the block's rows of those given global rows it holds, and which those are."""
+    position = np.searchsorted(block.users, users)
+    inside = position < block.n_rows
+    inside[inside] = block.users[position[inside]] == users[inside]
+    return position[inside], inside
+
+
+def _chosen(
+    block: CandidateBlock, choice: npt.NDArray[np.int8]
+) -> tuple[IntArray, IntArray]:
+    """Return the rows with a choice and the flat index of each chosen slot."""
+    rows = np.flatnonzero(choice != NO_SLOT)
+    return rows, choice[rows].astype(np.intp) * block.n_rows + rows
+
+
+def _usage_of(
+    block: CandidateBlock, spec: AllocationSpec, choice: npt.NDArray[np.int8]
+) -> Usage:
+    _, flat = _chosen(block, choice)
+    per_option = np.bincount(np.take(block.option, flat), minlength=spec.n_options)
+    per_option = per_option.reshape(spec.n_offers, spec.n_channels)
+    return Usage(
+        quanta=exact_sum(np.take(block.quanta, flat)),
+        offer_grants=per_option.sum(axis=1),
+        channel_messages=per_option.sum(axis=0),
+    )
 
 
 def _no_usage(spec: AllocationSpec) -> Usage:

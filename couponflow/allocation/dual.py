@@ -20,7 +20,8 @@ from couponflow.allocation.blocks import (
     FloatArray,
     Margins,
     Multipliers,
-    budget_use,
+    Usage,
+    best_usage,
     candidate_dual,
     exact_sum,
     margins,
@@ -41,6 +42,10 @@ _LAMBDA_RTOL = 1e-6
 # Over all users each evaluation is a pass over every block, so the search stops
 # sooner; the repair absorbs the remaining over-use.
 _FULL_LAMBDA_RTOL = 1e-5
+# Relative half-width of the first bracket around lam over all users, and the
+# narrowest one later sweeps start from.
+_FIRST_BRACKET = 0.01
+_LAST_BRACKET = 1e-4
 _MAX_BISECTIONS = 100
 # Extrapolation steps tried along the last sweep's direction, as multiples of it.
 _EXTRAPOLATION_STEPS = (1.0, 2.0, 4.0, 8.0)
@@ -145,8 +150,10 @@ def polish_multipliers(
     over-used and others left slack. Each sweep refits ``lam`` by regula falsi on the
     exact budget use, then each ``mu`` and ``nu`` to its exact minimizer, found from
     block counts and the margins inside a window that the working set predicts.
-    After each sweep the step is extrapolated as on the working set, judged by the
-    dual over the candidates.
+    A stock or capacity multiplier at 0 whose limit holds at the start of its group
+    is left at 0, its exact minimizer then, without a pass over the blocks. After each
+    sweep the step is extrapolated as on the working set, judged by the dual over the
+    candidates.
     """
     n_users = blocks.n_users
     offers = [o for o in range(spec.n_offers) if spec.stock[o] < n_users]
@@ -156,20 +163,31 @@ def polish_multipliers(
         total = sum(blocks.map(candidate_dual, spec, trial))
         return total / COST_QUANTA_PER_CENT + limit_value(spec, trial)
 
+    width = _FIRST_BRACKET
     for sweep in range(sweeps):
         start = multipliers
-        lam = _full_budget_multiplier(blocks, spec, multipliers)
+        lam, usage = _full_budget_multiplier(blocks, spec, multipliers, width)
+        if multipliers.lam > 0:
+            # Later sweeps move lam less, so the next bracket starts narrower.
+            moved = abs(lam - multipliers.lam) / multipliers.lam
+            width = min(max(4.0 * moved, _LAST_BRACKET), _FIRST_BRACKET)
         multipliers = multipliers.with_value(None, 0, lam)
-        for offer in offers:
-            value = _full_count_multiplier(
-                blocks, working, spec, multipliers, True, offer
-            )
-            multipliers = multipliers.with_value(True, offer, value)
-        for channel in channels:
-            value = _full_count_multiplier(
-                blocks, working, spec, multipliers, False, channel
-            )
-            multipliers = multipliers.with_value(False, channel, value)
+        changed = False
+        for by_offer, indices in ((True, offers), (False, channels)):
+            if not by_offer and changed:
+                usage = Usage.total(blocks.map(best_usage, spec, multipliers))
+            changed = False
+            used = usage.offer_grants if by_offer else usage.channel_messages
+            limit = spec.stock if by_offer else spec.capacity
+            current = multipliers.mu if by_offer else multipliers.nu
+            for index in indices:
+                if current[index] == 0 and used[index] <= limit[index]:
+                    continue
+                value = _full_count_multiplier(
+                    blocks, working, spec, multipliers, by_offer, index
+                )
+                changed = changed or value != current[index]
+                multipliers = multipliers.with_value(by_offer, index, value)
         multipliers, value = _extrapolate(dual, start, multipliers, dual(multipliers))
         log.debug("polish sweep %d: dual %.9g", sweep, value)
     return multipliers
@@ -362,23 +380,26 @@ def _extrapolate(
 
 
 def _full_budget_multiplier(
-    blocks: BlockMap, spec: AllocationSpec, multipliers: Multipliers
-) -> float:
-    """Return the smallest ``lam`` whose best responses fit the budget, by regula falsi.
+    blocks: BlockMap, spec: AllocationSpec, multipliers: Multipliers, width: float
+) -> tuple[float, Usage]:
+    """Return the smallest ``lam`` whose best responses fit the budget, and their use.
 
-    The bracket starts 1% around the current value and widens until it holds the
-    answer; the Illinois rule keeps the secant steps from stalling on one side.
+    Regula falsi on the exact budget use: the bracket starts ``width`` (relative)
+    around the current value and widens until it holds the answer, and the
+    Illinois rule keeps the secant steps from stalling on one side.
     """
     budget = spec.budget_cents * COST_QUANTA_PER_CENT
+    seen: dict[float, Usage] = {}
 
     def excess(lam: float) -> int:
         trial = multipliers.with_value(None, 0, lam)
-        return sum(blocks.map(budget_use, spec, trial)) - budget
+        seen[lam] = Usage.total(blocks.map(best_usage, spec, trial))
+        return seen[lam].quanta - budget
 
     current = multipliers.lam
     if current <= 0:
         if excess(0.0) <= 0:
-            return 0.0
+            return 0.0, seen[0.0]
         low, f_low = 0.0, excess(0.0)
         high = 1e-3
         f_high = excess(high)
@@ -387,14 +408,14 @@ def _full_budget_multiplier(
             f_high = excess(high)
     else:
         f_current = excess(current)
-        width = 0.01 * current
+        width = width * current
         if f_current <= 0:
             high, f_high = current, f_current
             low = max(current - width, 0.0)
             f_low = excess(low)
             while f_low <= 0:
                 if low == 0.0:
-                    return 0.0
+                    return 0.0, seen[0.0]
                 high, f_high = low, f_low
                 width *= 4.0
                 low = max(current - width, 0.0)
@@ -429,7 +450,7 @@ def _full_budget_multiplier(
             if retained == -1:
                 weight_low *= 0.5
             retained = -1
-    return high
+    return high, seen[high]
 
 
 def _full_count_multiplier(

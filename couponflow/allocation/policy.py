@@ -190,8 +190,9 @@ def plan_rows(
     ``arm``, ``expected_profit_cents`` (net of the message cost) and
     ``expected_cost_cents`` belong to the recorded option, 0 for control. Holdout
     rows carry the ``policy_arm``, channel, send time and ``score_uplift`` of the
-    solver's option for them; other rows have ``policy_arm`` equal to ``arm``. ``send_at`` is the first time at the (user, channel) send hour at or
-    after ``send_after``, or ``send_after`` for a row without a channel.
+    solver's option for them, and other rows have ``policy_arm`` equal to ``arm``.
+    ``send_at`` is the first time at the (user, channel) send hour at or after
+    ``send_after``, or ``send_after`` for a row without a channel.
     ``uplift`` is ``(n_users, n_offers)``, the predicted uplift of an offer seen by
     the user; it is scaled by the channel's reach, and 0 when not given.
     """
