@@ -1,8 +1,8 @@
 """Time the full allocation solver at scale and compare it with HiGHS on smaller sets.
 
 Builds a synthetic campaign (users x offers x channels, send hours, eligibility)
-with the library's own helpers, solves it with ``solve_allocation``, and prints the
-seconds, peak RSS, the gap to the Lagrangian dual bound, and the objective as a
+with the library's own helpers and solves it with ``solve_allocation``. Prints the
+seconds, peak RSS and gap to the Lagrangian dual bound, then the objective as a
 share of HiGHS's LP bound (and of a time-limited MILP) on smaller instances.
 
     .venv/bin/python benchmarks/allocation_scale.py --users 10000000 --threads 2
@@ -93,7 +93,7 @@ def build_instance(
     """Build a synthetic campaign with the library's send-hour and eligibility steps.
 
     Users have a base conversion rate, a basket, category affinities, signup age,
-    recent events and past exposures; offers are percent, amount and shipping
+    recent events and past exposures. Offers are percent, amount and shipping
     discounts with categories, channel lists and end times. The budget is a
     quarter of what every user's most profitable option would cost.
     """
@@ -120,10 +120,7 @@ def build_instance(
         )
 
     best_cost = _best_cost_sample(profit, cost, eligible, rng)
-    capacity = [
-        UNLIMITED if CAPACITY_SHARE[c] is None else int(CAPACITY_SHARE[c] * n_users)
-        for c in channels
-    ]
+    capacity = [_capacity(CAPACITY_SHARE[c], n_users) for c in channels]
     spec = AllocationSpec(
         offer_ids=tuple(offers["coupon_id"]),
         budget_cents=int(0.25 * best_cost * n_users),
@@ -133,6 +130,10 @@ def build_instance(
         message_cost_cents=np.array([MESSAGE_COST_CENTS[c] for c in channels]),
     )
     return UserOptions(profit, cost, eligible), spec
+
+
+def _capacity(share: float | None, n_users: int) -> int:
+    return UNLIMITED if share is None else int(share * n_users)
 
 
 def _scale_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,6 +166,7 @@ def _scale_run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_gib_before_solve": round(rss_before, 2),
         "peak_rss_gib_after_solve": round(rss_after, 2),
         "granted": solution.n_granted,
+        "fill_rounds": solution.fill_rounds,
         "objective_cents": round(solution.objective_cents),
         "dual_bound_cents": round(bound),
         "gap_to_dual_bound": round(1 - solution.objective_cents / bound, 7),
@@ -305,15 +307,18 @@ def _offer_scores(
     n_users = base.size
     profit = np.empty((n_users, len(offers)), dtype=np.float32)
     cost = np.empty((n_users, len(offers)), dtype=np.float32)
-    for j, offer in enumerate(offers.itertuples(index=False)):
-        if offer.kind == "percent_off":
-            discount = basket * offer.value / 10_000
-        elif offer.kind == "amount_off":
-            discount = np.minimum(basket, offer.value).astype(np.float64)
+    kinds = offers["kind"].tolist()
+    values = offers["value"].to_numpy(dtype=np.int64)
+    lifts = offers["lift"].to_numpy(dtype=np.float64)
+    for j, kind in enumerate(kinds):
+        if kind == "percent_off":
+            discount = basket * values[j] / 10_000
+        elif kind == "amount_off":
+            discount = np.minimum(basket, values[j]).astype(np.float64)
         else:
-            discount = np.full(n_users, float(offer.value))
+            discount = np.full(n_users, float(values[j]))
         noise = rng.lognormal(0.0, 0.6, n_users)
-        uplift = offer.lift * users["responsiveness"] * noise * (0.5 + base * 5)
+        uplift = lifts[j] * users["responsiveness"] * noise * (0.5 + base * 5)
         converted = np.minimum(base + uplift, 1.0)
         profit[:, j] = MARGIN_RATE * basket * (converted - base) - converted * discount
         cost[:, j] = converted * discount

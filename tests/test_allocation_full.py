@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -208,7 +209,7 @@ class TestSmallCases:
         ],
     )
     def test_spec_rejects_invalid_limits(self, changes: dict, message: str) -> None:
-        arguments = {
+        arguments: dict[str, Any] = {
             "offer_ids": ("a", "b"),
             "budget_cents": 10,
             "stock": np.array([1, 2]),
@@ -220,16 +221,17 @@ class TestSmallCases:
 
 
 class TestAgainstHighs:
-    def test_matches_milp_optimum_on_tiny_instance(self) -> None:
-        options, spec = _instance(10, 300)
+    def test_within_half_percent_of_milp_optimum(self) -> None:
+        options, spec = _instance(32, 1_000)
 
         exact = solve_allocation_exact(options, spec, integral=True, time_limit_s=30)
         solution = solve_allocation(options, spec)
 
         assert exact.optimal
+        assert exact.option is not None
         _assert_feasible(options, spec, exact.option)
         assert solution.objective_cents <= exact.objective_cents + 1e-6
-        assert solution.objective_cents >= 0.97 * exact.objective_cents
+        assert solution.objective_cents >= MIN_SHARE_OF_OPTIMUM * exact.objective_cents
 
     @pytest.mark.parametrize(("seed", "n_users"), [(11, 2_000), (12, 5_000)])
     def test_within_half_percent_of_lp_bound(self, seed: int, n_users: int) -> None:
@@ -342,7 +344,8 @@ class TestRandomizedPolicy:
         for code, share in ((GROUP_HOLDOUT, 0.2), (GROUP_EXPLORE, 0.05)):
             observed = float((group == code).mean())
             assert abs(observed - share) < 4 * math.sqrt(share * (1 - share) / 40_000)
-        assert 0.0 <= draw.min() and draw.max() < 1.0
+        assert draw.min() >= 0.0
+        assert draw.max() < 1.0
         again, _ = draw_groups(list(reversed(ids)), 0.2, 0.05, seed=3)
         np.testing.assert_array_equal(again[::-1], group)
 

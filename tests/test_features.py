@@ -105,6 +105,13 @@ def reference_features(
     rows = []
     for moment in as_of:
         stamp = pd.Timestamp(moment)
+        window = events[
+            (events["event_ts"] < stamp)
+            & (events["event_ts"] >= stamp - timedelta(days=90))
+        ]
+        typical_log_price = (
+            _priced_views(window).groupby("category")["log_price"].mean()
+        )
         for user in users.itertuples():
             if not user.signup_ts < stamp:
                 continue
@@ -112,6 +119,10 @@ def reference_features(
             before = own[own["event_ts"] < stamp]
             short = before[before["event_ts"] >= stamp - timedelta(days=30)]
             long = before[before["event_ts"] >= stamp - timedelta(days=90)]
+            own_views = _priced_views(long)
+            deviation = own_views["log_price"] - own_views["category"].map(
+                typical_log_price
+            )
             rows.append(
                 {
                     "user_id": user.user_id,
@@ -119,9 +130,23 @@ def reference_features(
                     **_reference_row(before, short, long, stamp),
                     "days_since_signup": (stamp - user.signup_ts).total_seconds()
                     / 86_400,
+                    "view_price_index_90d": float(np.exp(deviation.mean()))
+                    if len(own_views)
+                    else 0.0,
+                    "uses_app": int(user.device == "app"),
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _priced_views(events: pd.DataFrame) -> pd.DataFrame:
+    """Return the views with a known category and a positive price, and their log."""
+    views = events[
+        (events["event_type"] == "view")
+        & events["category"].isin(CATEGORIES)
+        & (events["price_cents"] > 0)
+    ]
+    return views.assign(log_price=np.log(views["price_cents"].astype(float)))
 
 
 def _reference_row(
@@ -136,6 +161,7 @@ def _reference_row(
     short_buys = short[short["event_type"] == "purchase"]
     long_buys = long[long["event_type"] == "purchase"]
     long_spend = int((long_buys["price_cents"] * long_buys["quantity"]).sum())
+    orders = long_buys["session_id"].nunique()
     sessions = short["session_id"].nunique()
     views = int((short["event_type"] == "view").sum())
     known = long[long["category"].isin(CATEGORIES)]
@@ -147,10 +173,10 @@ def _reference_row(
         "spend_30d_cents": int(
             (short_buys["price_cents"] * short_buys["quantity"]).sum()
         ),
-        # Half up: floor(x + 0.5) for a non-negative mean.
-        "aov_cents": int(np.floor(long_spend / len(long_buys) + 0.5))
-        if len(long_buys)
-        else 0,
+        # Spend per order (session with a purchase), half up: floor(x + 0.5).
+        "aov_cents": int(np.floor(long_spend / orders + 0.5)) if orders else 0,
+        "orders_90d": orders,
+        "views_per_session_30d": views / sessions if sessions else 0.0,
         "events_30d": len(short),
         "sessions_30d": sessions,
         "browse_seconds_30d": float(short["dwell_seconds"].sum()),
@@ -199,6 +225,7 @@ def test_features_match_reference(tmp_path: Path, client: Client) -> None:
     user_ids = [str(number) for number in range(12)]
     signups = [START - timedelta(days=30)] * 10 + [START + 50 * DAY, START + 200 * DAY]
     users = make_users(user_ids, signups)
+    users.loc[users.index % 3 == 0, "device"] = "app"
     events = random_events(user_ids[:-1], days=120, per_user_day=0.6, seed=7)
     write_lake(settings, users, events)
     as_of = [
@@ -336,6 +363,65 @@ def test_known_user_values(tmp_path: Path, client: Client) -> None:
     assert row["hour_share_afternoon"] == pytest.approx(0.2)
     assert row["hour_share_evening"] == pytest.approx(0.4)
     assert row["days_since_signup"] == pytest.approx(50.0)
+    assert row["orders_90d"] == 2
+    # One view in the 30 days' two sessions, the only one of its category.
+    assert row["views_per_session_30d"] == pytest.approx(0.5)
+    assert row["view_price_index_90d"] == pytest.approx(1.0)
+    assert row["uses_app"] == 0
+
+
+def test_aov_is_spend_per_order(tmp_path: Path, client: Client) -> None:
+    settings = Settings(home=tmp_path)
+    users = make_users(["0"], [START])
+    buy = {"user_id": "0", "event_type": "purchase", "session_id": "order-1"}
+    events = make_events(
+        [
+            {**buy, "event_ts": START + DAY, "price_cents": 300, "quantity": 2},
+            {**buy, "event_ts": START + DAY, "price_cents": 400, "quantity": 1},
+            {**buy, "event_ts": START + 3 * DAY, "price_cents": 500, "session_id": "b"},
+        ]
+    )
+    write_lake(settings, users, events)
+
+    row = compute_user_features(settings, [START + 5 * DAY], client=client).iloc[0]
+
+    assert row["orders_90d"] == 2
+    assert row["frequency_30d"] == 3
+    assert row["aov_cents"] == 750
+
+
+def test_view_price_index_per_category(tmp_path: Path, client: Client) -> None:
+    settings = Settings(home=tmp_path)
+    users = make_users(["cheap", "dear", "other", "quiet"], [START] * 4)
+    users.loc[users["user_id"] == "dear", "device"] = "app"
+    view = {"event_type": "view", "event_ts": START + DAY}
+    events = make_events(
+        [
+            {**view, "user_id": "cheap", "category": "home", "price_cents": 500},
+            {**view, "user_id": "dear", "category": "home", "price_cents": 2_000},
+            {**view, "user_id": "other", "category": "electronics", "price_cents": 9e3},
+            # Neither a priced view nor a view of a known category counts.
+            {**view, "user_id": "other", "category": "toys", "price_cents": 10},
+            {**view, "user_id": "other", "category": "home", "price_cents": 0},
+            {"user_id": "quiet", "event_ts": START + DAY, "event_type": "click"},
+        ]
+    )
+    write_lake(settings, users, events)
+
+    frame = compute_user_features(settings, [START + 2 * DAY], client=client)
+    index = frame.set_index("user_id")["view_price_index_90d"]
+
+    # The typical home price is the geometric mean of 500 and 2000, 1000.
+    assert index["cheap"] == pytest.approx(0.5)
+    assert index["dear"] == pytest.approx(2.0)
+    assert index["other"] == pytest.approx(1.0)
+    assert index["quiet"] == 0.0
+    assert frame.set_index("user_id")["uses_app"].to_dict() == {
+        "cheap": 0,
+        "dear": 1,
+        "other": 0,
+        "quiet": 0,
+    }
 
 
 def test_aov_rounds_half_up(tmp_path: Path, client: Client) -> None:
@@ -344,8 +430,8 @@ def test_aov_rounds_half_up(tmp_path: Path, client: Client) -> None:
     buy = {"user_id": "0", "event_type": "purchase", "quantity": 1}
     events = make_events(
         [
-            {**buy, "event_ts": START + DAY, "price_cents": 100},
-            {**buy, "event_ts": START + 2 * DAY, "price_cents": 101},
+            {**buy, "event_ts": START + DAY, "price_cents": 100, "session_id": "a"},
+            {**buy, "event_ts": START + 2 * DAY, "price_cents": 101, "session_id": "b"},
         ]
     )
     write_lake(settings, users, events)

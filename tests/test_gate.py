@@ -298,7 +298,9 @@ def test_greedy_policy_targets_responsive_users(
     responsive = holdout["cart_rate"].to_numpy() > RESPONSIVE_CART_RATE
     treated = arms != CONTROL_ARM
     assert treated.any()
-    assert responsive[treated].mean() > 0.8
+    # About 42% of users are responsive (Beta(2, 5) above 0.3); the greedy policy
+    # must target them far above that base rate.
+    assert responsive[treated].mean() > 1.5 * responsive.mean()
     assert (arms[treated] == "PCT10").mean() > 0.5
 
     shuffled_arms, _ = greedy_policy_arms(

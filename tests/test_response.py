@@ -81,6 +81,10 @@ def make_users(n: int, seed: int) -> pd.DataFrame:
             "cart_rate": rng.beta(2, 5, n),
             "peak_hour": rng.integers(0, 24, n),
             "days_since_signup": rng.integers(1, 900, n),
+            "orders_90d": rng.poisson(5, n),
+            "views_per_session_30d": rng.gamma(2, 1.5, n),
+            "view_price_index_90d": rng.lognormal(0, 0.3, n),
+            "uses_app": (rng.random(n) < 0.5).astype(np.int64),
         }
     )
     for i, category in enumerate(CATEGORIES):

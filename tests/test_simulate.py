@@ -18,6 +18,7 @@ from couponflow.simulate import (
     MIN_DAYS,
     PAST_CAMPAIGN_ID,
     World,
+    expected_response,
     load_world_truth,
     respond,
     simulate_world,
@@ -234,10 +235,13 @@ def _assert_rates_match_truth(outcomes: pd.DataFrame, truth: pd.DataFrame) -> No
 
 
 def test_past_outcomes_match_truth(large_world: World) -> None:
+    # The past campaign sends by any of a coupon's channels, so its truth is that
+    # of each exposure's own channel and hour.
+    truth = expected_response(large_world, large_world.exposures)
     outcomes = large_world.outcomes.assign(
         coupon_id=large_world.exposures["arm"].to_numpy()
     )
-    _assert_rates_match_truth(outcomes, large_world.truth)
+    _assert_rates_match_truth(outcomes, truth)
 
 
 def test_respond_matches_truth_per_arm(large_world: World) -> None:
@@ -250,7 +254,110 @@ def test_respond_matches_truth_per_arm(large_world: World) -> None:
             {"user_id": users, "arm": arm, "channel": channel, "send_at": send_at}
         )
         outcomes = respond(large_world, assignments, f"check-{arm}", seed=3)
-        _assert_rates_match_truth(outcomes.assign(coupon_id=arm), large_world.truth)
+        truth = expected_response(large_world, assignments)
+        _assert_rates_match_truth(outcomes.assign(coupon_id=arm), truth)
+
+
+def _usual_hour_sends(world: World, arm: str, channel: str) -> pd.DataFrame:
+    """Send ``arm`` to every user by ``channel`` at their usual hour after the end."""
+    hour = np.round(world.latent["pref_hour"].to_numpy()).astype(int) % 24
+    return pd.DataFrame(
+        {
+            "user_id": world.latent["user_id"],
+            "arm": arm,
+            "channel": channel,
+            "send_at": world.meta["end"] + pd.to_timedelta(hour, unit="h"),
+        }
+    )
+
+
+def test_truth_is_first_channel_at_usual_hour(world: World) -> None:
+    channels = world.coupons.set_index("coupon_id")["channels"].str.split(",")
+    truth = world.truth.set_index(["user_id", "coupon_id"])
+    for arm in [CONTROL_ARM, *world.coupons["coupon_id"]]:
+        channel = "email" if arm == CONTROL_ARM else channels[arm][0]
+        expected = expected_response(world, _usual_hour_sends(world, arm, channel))
+        keys = zip(expected["user_id"], expected["coupon_id"], strict=True)
+        default = truth.loc[list(keys)]
+        for column in (
+            "p_convert",
+            "expected_revenue_cents",
+            "expected_discount_cents",
+        ):
+            np.testing.assert_allclose(
+                expected[column].to_numpy(), default[column].to_numpy(), rtol=1e-12
+            )
+
+
+def test_push_works_for_app_users(world: World) -> None:
+    app_user = world.latent["app_user"].to_numpy()
+    assert app_user.any()
+    assert (~app_user).any()
+    push = expected_response(world, _usual_hour_sends(world, "ship-free", "push"))
+    sms = expected_response(world, _usual_hour_sends(world, "ship-free", "sms"))
+    control = world.truth[world.truth["coupon_id"] == CONTROL_ARM]
+    base = control.set_index("user_id")["p_convert"].loc[push["user_id"]].to_numpy()
+    push_uplift = push["p_convert"].to_numpy() - base
+    sms_uplift = sms["p_convert"].to_numpy() - base
+    assert push_uplift[app_user].mean() > sms_uplift[app_user].mean()
+    assert push_uplift[~app_user].mean() < sms_uplift[~app_user].mean()
+    # The discount is paid on every redeemed order, read or not.
+    paid = push["expected_discount_cents"].to_numpy()
+    assert (paid[~app_user] > 0).mean() > 0.9
+
+
+def test_usual_hour_beats_off_hours(world: World) -> None:
+    usual = _usual_hour_sends(world, "pct-10", "email")
+    off_hours = usual.assign(send_at=usual["send_at"] + pd.Timedelta(hours=12))
+    at_usual = expected_response(world, usual)
+    at_off_hours = expected_response(world, off_hours)
+    control = world.truth[world.truth["coupon_id"] == CONTROL_ARM]
+    base = control.set_index("user_id")["p_convert"].loc[usual["user_id"]].to_numpy()
+    gain_usual = np.abs(at_usual["p_convert"].to_numpy() - base)
+    gain_off = np.abs(at_off_hours["p_convert"].to_numpy() - base)
+    assert (gain_off <= gain_usual + 1e-12).all()
+    assert gain_off.sum() < 0.8 * gain_usual.sum()
+
+
+def test_expected_response_rejects_bad_rows(world: World) -> None:
+    sends = _usual_hour_sends(world, "pct-10", "email").head(3)
+    assert len(expected_response(world, pd.concat([sends, sends]))) == 6
+    with pytest.raises(ValueError, match="allows only"):
+        expected_response(world, sends.assign(arm="amt-1500-elec", channel="sms"))
+    with pytest.raises(ValueError, match="unknown arms"):
+        expected_response(world, sends.assign(arm="pct-99"))
+
+
+def test_app_users_use_the_app(world: World) -> None:
+    device = world.users.set_index("user_id")["device"]
+    app_user = world.latent.set_index("user_id")["app_user"]
+    assert (device[app_user[app_user].index] == "app").all()
+    assert (device[app_user[~app_user].index] != "app").all()
+
+
+def test_order_value_tracks_basket(large_world: World) -> None:
+    events = large_world.events
+    purchases = events[events["event_type"] == "purchase"]
+    value = (
+        (purchases["price_cents"] * purchases["quantity"])
+        .groupby([purchases["user_id"], purchases["session_id"]])
+        .sum()
+    )
+    per_user = np.log(value).groupby(level="user_id").mean()
+    basket = large_world.latent.set_index("user_id")["basket_cents"]
+    correlation = np.corrcoef(per_user, np.log(basket.loc[per_user.index]))[0, 1]
+    assert correlation > 0.6
+
+
+def test_deal_seekers_browse_more_and_cheaper(large_world: World) -> None:
+    views = large_world.events[large_world.events["event_type"] == "view"]
+    per_session = views.groupby(["user_id", "session_id"]).size()
+    views_per_session = per_session.groupby(level="user_id").mean()
+    seeker = large_world.latent.set_index("user_id")["deal_seeker"]
+    seeker = seeker.loc[views_per_session.index]
+    assert views_per_session[seeker].mean() > views_per_session[~seeker].mean() + 1.0
+    price = views.groupby("user_id")["price_cents"].median().loc[seeker.index]
+    assert price[seeker].median() < price[~seeker].median()
 
 
 def test_write_world_layout(tmp_path: Path, world: World) -> None:
@@ -296,6 +403,7 @@ def test_respond_on_persisted_world(tmp_path: Path) -> None:
         }
     )
     outcomes = respond(loaded, assignments, "camp-002", seed=1)
+    truth = expected_response(loaded, assignments)
 
     schema = TABLES["outcomes"]
     assert {c: str(t) for c, t in outcomes.dtypes.items()} == schema.columns
@@ -309,7 +417,7 @@ def test_respond_on_persisted_world(tmp_path: Path) -> None:
     again = respond(loaded, assignments, "camp-002", seed=1)
     pd.testing.assert_frame_equal(outcomes, again)
     _assert_rates_match_truth(
-        outcomes.assign(coupon_id=assignments["arm"].to_numpy()), loaded.truth
+        outcomes.assign(coupon_id=assignments["arm"].to_numpy()), truth
     )
 
 

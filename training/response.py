@@ -87,12 +87,17 @@ EFFECT_FEATURES: tuple[str, ...] = (
     "effect_cheapness",
     "effect_orders",
 )
-# Columns that the effect stage's trees split on. Leaving out the offer's kind,
-# channel and value makes every offer's effect a function of these shared signals,
-# which measured better on the simulator than one effect per offer.
-EFFECT_STAGE_FEATURES = frozenset(
-    {"treated", "offer_discount_share_of_aov", "offer_category_affinity"}
-) | frozenset(EFFECT_FEATURES)
+# Offer columns that the effect stage's trees split on, besides EFFECT_FEATURES and
+# "treated_x_<feature>" (the user feature on rows with an offer, 0 without) for every
+# user feature. Leaving out the offer's kind, channel and value makes every offer's
+# effect a function of these shared signals, which measured better on the simulator
+# than one effect per offer (benchmarks/decision_quality.py).
+EFFECT_STAGE_OFFER_FEATURES: tuple[str, ...] = (
+    "treated",
+    "offer_discount_share_of_aov",
+    "offer_category_affinity",
+)
+TREATED_PREFIX = "treated_x_"
 # The effect stage's trees may only raise the effect along these features.
 _INCREASING_EFFECT_FEATURES = frozenset(
     {
@@ -112,8 +117,8 @@ OFFER_REQUIRED_COLUMNS: tuple[str, ...] = (
 )
 
 # Shallow, slowly learning trees with large leaves: offer effects are a few points of
-# conversion rate, and deeper trees fit outcome noise before they fit the effects.
-# XGBoost uses every core unless params set "nthread".
+# conversion rate, and deeper trees or smaller leaves fit outcome noise before they
+# fit the effects. XGBoost uses every core unless params set "nthread".
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "binary:logistic",
     "eval_metric": "logloss",
@@ -122,15 +127,15 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "eta": 0.05,
     "subsample": 0.8,
     "colsample_bytree": 0.8,
-    "min_child_weight": 20.0,
+    "min_child_weight": 50.0,
     "lambda": 1.0,
 }
 # Trees of the first stage, on the control rows.
 DEFAULT_NUM_BOOST_ROUND = 200
 # The effect stage's trees are shallower: two levels combine an offer attribute with
 # one interaction, and more levels fit noise on a campaign of 10,000 to 30,000 users.
-EFFECT_PARAMS: dict[str, Any] = {"max_depth": 2}
-DEFAULT_EFFECT_BOOST_ROUND = 300
+EFFECT_PARAMS: dict[str, Any] = {"max_depth": 3, "min_child_weight": 100.0, "eta": 0.1}
+DEFAULT_EFFECT_BOOST_ROUND = 200
 SPEC_FORMAT_VERSION = 2
 # Top share of the holdout for the uplift@k metric of evaluate().
 UPLIFT_AT_K = 0.3
@@ -264,7 +269,7 @@ class ResponseModel:
         offer_part = _offer_feature_block(
             users, offer_rows, self.categories, self.offer_kinds, self.channels
         )
-        effect_part = _effect_feature_block(users, offer_part)
+        effect_part = _effect_feature_block(users, offer_part, self.user_features)
         design = pd.concat([user_part, offer_part, effect_part], axis=1)
         return design[self.feature_names]
 
@@ -340,7 +345,8 @@ def train_response_model(
 
     The first stage fits conversion without an offer on the control rows, so its trees
     split on user features only. The second stage starts from it and fits every row
-    with trees on EFFECT_STAGE_FEATURES only, which are 0 for no offer: its trees
+    with trees on the effect-stage columns only (EFFECT_STAGE_OFFER_FEATURES,
+    EFFECT_FEATURES and the treated_x_ columns), which are 0 for no offer: its trees
     change the prediction of offered rows and shift control rows by one constant.
     Both stages end up in one booster.
 
@@ -554,6 +560,7 @@ def _feature_names(
         *(f"channel_{channel}" for channel in channels),
         *OFFER_ATTRIBUTE_FEATURES,
         *EFFECT_FEATURES,
+        *(f"{TREATED_PREFIX}{name}" for name in user_features),
     ]
 
 
@@ -631,9 +638,9 @@ def _offer_feature_block(
 
 
 def _effect_feature_block(
-    users: pd.DataFrame, offer_part: pd.DataFrame
+    users: pd.DataFrame, offer_part: pd.DataFrame, user_features: tuple[str, ...]
 ) -> pd.DataFrame:
-    """Build EFFECT_FEATURES from the user columns and the offer block.
+    """Build EFFECT_FEATURES and the treated_x_ columns from users and offers.
 
     Missing inputs (no order, so no depth of an amount; no priced view, so no
     cheapness) stay missing, and XGBoost learns where such rows go.
@@ -666,6 +673,9 @@ def _effect_feature_block(
     block["effect_orders"] = treated * _float_column(users, "orders_90d").to_numpy()
     for name in ("effect_depth_x_cheapness", "effect_depth_x_cheapness_push_app"):
         block[name] = np.where(treated > 0, block[name], 0.0)
+    for name in user_features:
+        values = _float_column(users, name).to_numpy()
+        block[f"{TREATED_PREFIX}{name}"] = np.where(treated > 0, values, 0.0)
     return block
 
 
@@ -679,7 +689,7 @@ def _train_two_stages(
 ) -> xgb.Booster:
     """Fit the user stage on control rows, then the effect stage on every row.
 
-    The second stage sees every column outside EFFECT_STAGE_FEATURES as 0, so its
+    The second stage sees every column outside the effect-stage columns as 0, so its
     trees cannot split on them, and its base margin adds back what the first stage
     predicts from the real columns.
     """
@@ -699,7 +709,7 @@ def _train_two_stages(
     booster = xgb.train(user_params, user_rows, num_boost_round=rounds[0])
 
     offer_values = values.copy()
-    hidden = [i for i, name in enumerate(names) if name not in EFFECT_STAGE_FEATURES]
+    hidden = [i for i, name in enumerate(names) if not _in_effect_stage(name)]
     offer_values[:, hidden] = 0.0
     user_margin = booster.predict(
         xgb.DMatrix(values, feature_names=names), output_margin=True
@@ -725,6 +735,14 @@ def _train_two_stages(
     )
     return xgb.train(
         effect_params, offer_rows, num_boost_round=rounds[1], xgb_model=booster
+    )
+
+
+def _in_effect_stage(name: str) -> bool:
+    return (
+        name in EFFECT_STAGE_OFFER_FEATURES
+        or name in EFFECT_FEATURES
+        or name.startswith(TREATED_PREFIX)
     )
 
 

@@ -167,7 +167,7 @@ class Margins:
     """One block's margins of an offer (or channel) over each user's best other choice.
 
     ``above_zero`` and ``above_high`` count margins above 0 and above the window's
-    upper end; ``window`` holds the margins in ``(low, high]``.
+    upper end; ``window`` contains the margins in ``(low, high]``.
     """
 
     above_zero: int
@@ -187,9 +187,9 @@ class Margins:
 class CandidateBlock:
     """The few best options of each user of a block, and each user's current choice.
 
-    Rows are the users with at least one usable option, and ``users`` holds their
+    Rows are the users with at least one usable option, and ``users`` contains their
     global rows in ascending order. Arrays are ``(n_slots, n_rows)``, and each
-    user's slots hold options in ascending index order with padding last. A padding
+    user's slots contain options in ascending index order with padding last. A padding
     slot has option ``n_options``, offer ``n_offers`` and channel ``n_channels``
     (indices past the end, because negative ones make ``np.take`` slow), net profit
     ``-inf`` and cost 0. ``choice`` is a slot or -1.
@@ -443,8 +443,8 @@ def fill_moves(
     A move switches a user, with or without a grant, to a candidate with more net
     profit. Its weight is the share it takes of what is left of the budget, of the
     new offer's stock and of the new channel's capacity, where a limit that the
-    user already uses counts 0, and its ratio is the extra net profit per unit of
-    weight. Per user the highest ratio wins, then the lower slot.
+    user already uses counts 0. Its ratio is the extra net profit per unit of
+    weight, and per user the highest ratio wins, then the lower slot.
     """
     n_rows = block.n_rows
     chosen = block.choice != NO_SLOT
@@ -614,24 +614,24 @@ def _screen_rows(
 
     # Slots are sorted with padding last, so a user has a usable option when the
     # first slot is not padding.
-    kept = np.flatnonzero(found[0])
-    option, found = option[:, kept], found[:, kept]
+    usable_rows = np.flatnonzero(found[0])
+    option, found = option[:, usable_rows], found[:, usable_rows]
     safe = np.minimum(option, spec.n_options - 1)
-    slot_net = net[kept, safe]
-    slot_cost = cost[kept, safe]
+    slot_net = net[usable_rows, safe]
+    slot_cost = cost[usable_rows, safe]
     slot_net[~found] = -np.inf
     slot_cost[~found] = 0.0
     pad_offer = np.append(spec.option_offer, spec.n_offers).astype(np.int8)
     pad_channel = np.append(spec.option_channel, spec.n_channels).astype(np.int8)
     block = CandidateBlock(
-        users=options.first_user + kept.astype(np.int64),
+        users=options.first_user + usable_rows.astype(np.int64),
         option=option,
         offer=pad_offer[option],
         channel=pad_channel[option],
         net=slot_net,
         cost=slot_cost,
         quanta=quantize(slot_cost),
-        choice=np.zeros(kept.size, dtype=np.int8),
+        choice=np.zeros(usable_rows.size, dtype=np.int8),
     )
     slot_value = _slot_values(block, spec, multipliers)
     block = replace(block, choice=_best_slots(slot_value))
@@ -664,7 +664,7 @@ def _top_options(
 
     Each float32 value becomes an int64 key that sorts like the value, with the
     option index in the low bits so that a lower index sorts higher among equal
-    values; one partition per row then finds the top keys exactly. The result is
+    values. One partition per row then finds the top keys exactly. The result is
     ``(n_slots, n_rows)``, each column in ascending option order with unusable
     options last as index ``n_options``.
     """
@@ -697,7 +697,7 @@ def _sort_columns(array: npt.NDArray[Any]) -> None:
     """Sort each column of a few rows in place by odd-even transposition.
 
     With n rows, n passes of compare-exchange between neighbouring rows sort every
-    column; on few rows this is much faster than numpy's sort along axis 0.
+    column. On few rows this is much faster than numpy's sort along axis 0.
     """
     n_rows = array.shape[0]
     for step in range(n_rows):
@@ -786,7 +786,7 @@ def _check_scores(
 def _rows_of(
     block: CandidateBlock, users: IntArray
 ) -> tuple[IntArray, npt.NDArray[np.bool_]]:
-    """Return the block's rows of those given global rows it holds, and which those are."""
+    """Return the block's rows for the given global rows, and which ones it holds."""
     position = np.searchsorted(block.users, users)
     inside = position < block.n_rows
     inside[inside] = block.users[position[inside]] == users[inside]

@@ -1,7 +1,7 @@
 """The full allocation solver over user partitions on a Dask cluster.
 
-Each partition is loaded on a worker only when a step needs its raw scores; the
-candidate blocks stay on the workers, and only totals, multipliers and short lists
+Each partition is loaded on a worker only when a step needs its raw scores, and the
+candidate blocks stay on the workers. Only totals, multipliers and short lists
 travel to the client, so the input may be larger than any one machine's memory.
 """
 
@@ -44,8 +44,8 @@ def solve_allocation_dask(
     ``partitions`` are picklable callables that each return one partition's
     :class:`UserOptions`, in user order (for example the loaders of
     :func:`write_partitions`). Workers compute best responses, margins and
-    candidate lists per partition; the client updates the multipliers from their
-    exact totals and runs the same repair and fill. The allocation equals that of
+    candidate lists per partition, and the client updates the multipliers from
+    their exact totals and runs the same repair and fill. The allocation equals that of
     :func:`solve_allocation` on the concatenated users with the same ``params``.
     """
     params = params or SolverParams()

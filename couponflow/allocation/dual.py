@@ -385,7 +385,7 @@ def _full_budget_multiplier(
     """Return the smallest ``lam`` whose best responses fit the budget, and their use.
 
     Regula falsi on the exact budget use: the bracket starts ``width`` (relative)
-    around the current value and widens until it holds the answer, and the
+    around the current value and widens until it contains the answer, and the
     Illinois rule keeps the secant steps from stalling on one side.
     """
     budget = spec.budget_cents * COST_QUANTA_PER_CENT
@@ -465,7 +465,7 @@ def _full_count_multiplier(
 
     It is the ``limit + 1``-th largest margin, or 0 when at most ``limit`` margins
     are positive. Blocks return counts and only the margins inside a window around
-    the working set's estimate; a window that misses is widened and tried again,
+    the working set's estimate. A window that misses is widened and tried again,
     and the last try takes every positive margin.
     """
     limit = int(spec.stock[index] if by_offer else spec.capacity[index])

@@ -1,4 +1,4 @@
-"""Which (offer, channel) each user may get, from user attributes and offer terms.
+"""Eligibility of each user for each (offer, channel), from user and offer attributes.
 
 The mask is users x offers x channels and combines the offer rules (new users only,
 category match, minimum history, listed channels, validity at delivery) with the
@@ -58,7 +58,7 @@ class EligibilityRules:
     # A category offer needs affinity_<category> above this; "all" needs none.
     min_affinity: float = 0.05
     # Every offer needs at least this many events in 30 days, unless the offer's
-    # min_events_30d column says otherwise.
+    # min_events_30d column sets its own minimum.
     min_events_30d: int = 1
     # A user may get a message only with fewer than frequency_cap exposures in the
     # last frequency_window_days (a frequency_cap user column overrides the cap),
@@ -79,7 +79,7 @@ def build_eligibility(
 ) -> BoolArray:
     """Return the ``(n_users, n_offers, n_channels)`` mask of allowed options.
 
-    ``users`` holds the columns of ``USER_COLUMNS`` (``days_since_last_exposure`` is
+    ``users`` contains the columns of ``USER_COLUMNS`` (``days_since_last_exposure`` is
     NaN or inf for a user never exposed), ``offers`` the COUPONS columns of
     ``OFFER_COLUMNS`` and ``send_at`` the UTC send time of each (user, channel), as
     :meth:`SendHours.send_times` returns it. An option is allowed when all hold:
@@ -95,6 +95,10 @@ def build_eligibility(
       and ``send_at + lag <= ends_at``.
 
     Raises ``ValueError`` naming a missing column or a shape that does not match.
+
+    NOTE: each (user, channel) send hour is chosen before this check, so an offer
+    that expires before that hour is ineligible even when an earlier hour would
+    have delivered it in time.
     """
     rules = rules or EligibilityRules()
     channels = tuple(channels)

@@ -30,9 +30,9 @@ _MILP_TIME_LIMIT = 1
 class ExactSolution:
     """A HiGHS solution: ``x[i, k]`` is the share of option ``k`` given to user ``i``.
 
-    ``objective_cents`` is the value of ``x``; ``bound_cents`` is HiGHS's proven
-    upper bound on the optimum of the problem it solved (equal to the objective for
-    an LP, or for a MILP solved to optimality). ``option`` is filled only for a MILP.
+    ``objective_cents`` is the value of ``x``. ``bound_cents`` is HiGHS's proven
+    upper bound on the optimum of the problem it solved, equal to the objective for
+    an LP or for a MILP solved to optimality. ``option`` is filled only for a MILP.
     """
 
     x: npt.NDArray[np.float64]
@@ -161,5 +161,5 @@ def _constraints(
 
 
 def _options_of(x: npt.NDArray[np.float64]) -> npt.NDArray[np.int16]:
-    taken = x.max(axis=1, initial=0.0) > 0.5
-    return np.where(taken, x.argmax(axis=1), NO_OPTION).astype(np.int16)
+    granted = x.max(axis=1, initial=0.0) > 0.5
+    return np.where(granted, x.argmax(axis=1), NO_OPTION).astype(np.int16)

@@ -95,7 +95,8 @@ class Allocation:
     ``objective_cents`` is the total net profit (profit minus message cost) of the
     grants, summed from the float32 scores. ``dual_bound_cents`` is the Lagrangian
     dual at the screening multipliers over every option, an upper bound on the
-    optimum of the LP relaxation and so on every feasible allocation.
+    optimum of the LP relaxation and so on every feasible allocation. It is 0 when
+    nothing was solved (a budget of 0 or no users).
     """
 
     option: npt.NDArray[np.int16]
@@ -138,7 +139,7 @@ class Allocation:
 
 
 class Blocks(Protocol):
-    """What the central steps need from the users' blocks, in memory or in Dask."""
+    """Interface of the users' blocks that the central steps use, in memory or Dask."""
 
     n_users: int
 
@@ -239,13 +240,14 @@ def solve_blocks(
     usage = _repair(blocks, spec, usage)
     seconds["repair"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    usage, rounds = _fill(blocks, spec, usage, params)
+    _, rounds = _fill(blocks, spec, usage, params)
     seconds["fill"] = time.perf_counter() - mark
 
     grants = Grants.concat(blocks.map(collect_grants))
     option = np.full(n_users, NO_OPTION, dtype=np.int16)
     option[grants.users] = grants.option
-    _check_within_limits(grants.usage(spec), spec)
+    final = grants.usage(spec)
+    _check_within_limits(final, spec)
     seconds["total"] = time.perf_counter() - started
     allocation = Allocation(
         option=option,
@@ -253,9 +255,9 @@ def solve_blocks(
         multipliers=multipliers,
         objective_cents=math.fsum(grants.net.astype(np.float64)),
         discount_cost_cents=math.fsum(grants.cost.astype(np.float64)),
-        message_cost_cents=int(usage.channel_messages @ spec.message_cost_cents),
-        offer_grants=usage.offer_grants,
-        channel_messages=usage.channel_messages,
+        message_cost_cents=int(final.channel_messages @ spec.message_cost_cents),
+        offer_grants=final.offer_grants,
+        channel_messages=final.channel_messages,
         dual_bound_cents=bound,
         working_users=int(rows.size),
         fill_rounds=rounds,
@@ -324,7 +326,7 @@ def _fill(
     """Spend what the limits leave on the moves with the most profit per resource.
 
     Each round takes the ``fill_batch`` best moves over all blocks and accepts them
-    in that order while they fit; the next round starts from what is left.
+    in that order while they fit. The next round starts from what is left.
     """
     budget = spec.budget_cents * COST_QUANTA_PER_CENT
     quanta_left = budget - usage.quanta
@@ -345,13 +347,17 @@ def _fill(
         if moves.users.size == 0:
             break
         rounds += 1
-        taken, quanta_left = _accept_moves(
+        accepted, quanta_left = _accept_moves(
             moves, spec, quanta_left, stock_left, capacity_left
         )
-        order = np.argsort(moves.users[taken])
-        blocks.update(apply_moves, moves.users[taken][order], moves.slot[taken][order])
-        log.debug("fill round %d: %d moves", rounds, taken.size)
-        if moves.users.size == params.fill_batch and 10 * taken.size < moves.users.size:
+        users, slots = moves.users[accepted], moves.slot[accepted]
+        order = np.argsort(users)
+        blocks.update(apply_moves, users[order], slots[order])
+        log.debug("fill round %d: %d moves", rounds, accepted.size)
+        if (
+            moves.users.size == params.fill_batch
+            and 10 * accepted.size < moves.users.size
+        ):
             # Most proposals no longer fit, so further full rounds would gain little.
             break
     used = Usage(

@@ -1,7 +1,7 @@
 """Inputs of the full allocation problem: users x offers x channels, and the limits.
 
 Each user's send hour is chosen per channel before the solver (see ``send_hours``),
-so the solver sees one score per (user, offer, channel), stored as float32.
+so the solver takes one score per (user, offer, channel), stored as float32.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def expand_over_channels(
     """Scale per-offer scores by each channel's reach into users x offers x channels.
 
     ``profit_cents`` and ``cost_cents`` are ``(n_users, n_offers)`` scores for a user
-    who sees the message; ``reach`` is ``(n_users, n_channels)``, the probability that
+    who sees the message. ``reach`` is ``(n_users, n_channels)``, the probability that
     the message sent at the user's chosen hour is seen. A message that is not seen
     changes nothing and costs no discount, so both scores scale by the reach.
     """

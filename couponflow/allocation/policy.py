@@ -44,7 +44,7 @@ ASSIGNMENTS: tuple[str, ...] = (OPTIMIZED, HOLDOUT, EXPLORE)
 
 @dataclass(frozen=True)
 class RandomizedAllocation:
-    """What each user is sent under the randomized policy, with its propensity.
+    """Each user's recorded choice under the randomized policy, with its propensity.
 
     ``policy_option`` is the solver's choice for every user, ``option`` the recorded
     one (-1 for control): nothing for the holdout, a uniform draw among the user's
@@ -131,13 +131,11 @@ def allocate_campaign(
     group, choice_draw = draw_groups(ids, holdout_fraction, explore_fraction, seed)
 
     open_options = _open_options(options, spec)
+    n_choices = open_options.sum(axis=1)
     explorers = np.flatnonzero(group == GROUP_EXPLORE)
-    n_choices = np.zeros(options.n_users, dtype=np.int64)
-    explored = np.full(explorers.size, NO_OPTION, dtype=np.int16)
-    if explorers.size:
-        mask = open_options[explorers]
-        n_choices[explorers] = mask.sum(axis=1)
-        explored = _draw_options(mask, choice_draw[explorers])
+    explored = _draw_options(open_options[explorers], choice_draw[explorers])
+    # NOTE: the solver's choices depend on the draws through what they reserve, so
+    # each propensity is exact given the solved allocation, not over all draws.
     reserved = _reserve(options, spec, explorers, explored)
     remaining = spec.with_limits(
         budget_cents=spec.budget_cents - math.ceil(reserved[0] / COST_QUANTA_PER_CENT),
@@ -149,9 +147,6 @@ def allocate_campaign(
     option = solution.option.copy()
     option[group == GROUP_HOLDOUT] = NO_OPTION
     option[explorers] = explored
-    # Users other than explorers need K only for the optimized group's propensity.
-    others = np.flatnonzero(group != GROUP_EXPLORE)
-    n_choices[others] = open_options[others].sum(axis=1)
     propensity = _propensity(
         option, solution.option, n_choices, holdout_fraction, explore_fraction
     )
@@ -210,10 +205,10 @@ def plan_rows(
 
     recorded = randomized.option
     holdout = randomized.group == GROUP_HOLDOUT
-    shown = np.where(holdout, randomized.policy_option, recorded)
-    users = np.flatnonzero(shown != NO_OPTION)
-    offer = shown[users] // spec.n_channels
-    channel = shown[users] % spec.n_channels
+    displayed = np.where(holdout, randomized.policy_option, recorded)
+    users = np.flatnonzero(displayed != NO_OPTION)
+    offer = displayed[users] // spec.n_channels
+    channel = displayed[users] % spec.n_channels
 
     channel_name = np.full(n_users, None, dtype=object)
     channel_name[users] = np.asarray(spec.channels, dtype=object)[channel]

@@ -1,8 +1,8 @@
 """Each user's send hour per channel, chosen before the solver from active hours.
 
 The hour that maximizes the chance a message is seen is the same for every offer, so
-picking it first removes the hour dimension: the solver sees users x offers x
-channels, with scores scaled by each (user, channel) reach.
+picking it first removes the hour dimension. The solver then works on users x
+offers x channels, with scores scaled by each (user, channel) reach.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def channel_reach(
     """Return ``(n_channels, 24)`` reach of a message when the user is fully active.
 
     Each channel reaches ``open_rate[channel]`` of users at the hours it may send
-    (all hours when ``send_hours`` has no entry for it) and nobody at other hours,
+    (all hours when ``send_hours`` has no entry for it) and no user at other hours,
     for example SMS outside quiet hours.
     """
     reach = np.zeros((len(channels), HOURS_PER_DAY), dtype=np.float32)
