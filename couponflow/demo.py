@@ -23,7 +23,7 @@ from couponflow.settings import Settings
 log = logging.getLogger(__name__)
 
 # Sized so that `make demo` finishes in about ten minutes on 2 cores after install.
-DEFAULT_USERS = 3_000
+DEFAULT_USERS = 10_000
 DEFAULT_DAYS = 45
 DEFAULT_SEED = 7
 DEMO_CAMPAIGN = "demo-001"

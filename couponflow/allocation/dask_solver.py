@@ -11,10 +11,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from distributed import Client, Future
 
 from couponflow.allocation.blocks import (
     CandidateBlock,
@@ -27,6 +26,11 @@ from couponflow.allocation.blocks import (
 )
 from couponflow.allocation.lagrangian import Allocation, SolverParams, solve_blocks
 from couponflow.allocation.options import AllocationSpec, IntArray, UserOptions
+
+if TYPE_CHECKING:
+    # Only for annotations, so importing the allocation package does not load
+    # distributed.
+    from distributed import Client, Future
 
 log = logging.getLogger(__name__)
 
