@@ -500,13 +500,56 @@ def analyze_campaign(campaign_id: str) -> dict[str, Any]:
     assert settings.reports_dir is not None
     path = settings.reports_dir / campaign_id / "report.html"
     write_report(result, path, title=f"Campaign {campaign_id}")
+    models = record_models(settings, campaign_id, path.parent / "summary.json")
     run_id = log_report_to_mlflow(result, path, settings, campaign_id)
     return {
+        **models,
         "campaign_id": campaign_id,
         "report": str(path),
         "mlflow_run_id": run_id,
         "trustworthy": bool(result.trustworthy),
     }
+
+
+def record_models(
+    settings: Settings, campaign_id: str, summary_path: Path
+) -> dict[str, str | None]:
+    """Add to the summary the model that allocated the campaign and today's champion.
+
+    The next allocate_campaign run loads the champion by its alias; the summary
+    records both, so a reviewer sees whether the experiment judged the champion.
+    """
+    import sqlalchemy as sa
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from couponflow.store import allocation_versions
+
+    with get_engine(settings.campaign_db_url).connect() as connection:
+        allocated_by = connection.execute(
+            sa.select(allocation_versions.c.model_uri).where(
+                allocation_versions.c.campaign_id == campaign_id,
+                allocation_versions.c.is_current.is_(True),
+            )
+        ).scalar()
+    client = MlflowClient(
+        tracking_uri=settings.mlflow_tracking_uri,
+        registry_uri=settings.mlflow_tracking_uri,
+    )
+    try:
+        version = client.get_model_version_by_alias(
+            settings.response_model_name, "champion"
+        )
+        champion: str | None = (
+            f"models:/{settings.response_model_name}/{version.version}"
+        )
+    except MlflowException:
+        champion = None
+    models = {"allocation_model_uri": allocated_by, "champion_model_uri": champion}
+    summary = json.loads(summary_path.read_text())
+    summary.update(models)
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return models
 
 
 def pre_period_spend(

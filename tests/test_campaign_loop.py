@@ -114,6 +114,8 @@ def test_report_and_summary_written(
     summary = json.loads((report.parent / "summary.json").read_text())
     assert CAMPAIGN in summary["title"]
     assert summary["trustworthy"] in (True, False)
+    assert summary["allocation_model_uri"] == summary["champion_model_uri"]
+    assert summary["champion_model_uri"].startswith("models:/")
 
     # The randomized past campaign sent every coupon, so its report plots each arm.
     past = settings.reports_dir / PAST_CAMPAIGN / "report.html"
