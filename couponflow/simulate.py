@@ -67,7 +67,7 @@ BASKET_ITEMS = 3
 # Logit gain per unit of expected discount share, scaled by price sensitivity.
 GAIN_PER_DEPTH = 10.0
 # Logit gain of being reminded of the store, scaled by the chance that the coupon
-# is redeemable, so that a coupon nobody can use is no free reminder.
+# is redeemable, so that a coupon that cannot be used adds no reminder for free.
 REMINDER_GAIN = 0.15
 # Shoppers value free shipping above its cost in cents.
 FREE_SHIPPING_PREMIUM = 1.5
@@ -75,10 +75,10 @@ FREE_SHIPPING_PREMIUM = 1.5
 # Messages. A coupon persuades only as far as its message gets attention: the logit
 # effect of a coupon (gain minus aversion) is multiplied by the attention of the
 # channel and send hour. The discount applies at checkout whether or not the
-# message was read. Attention is min(1, CHANNEL_ATTENTION * reach) * timing, where
-# reach is the user's relative reach on the channel (engagement for email, app
-# users for push, 1 for SMS) and timing falls from 1 at the user's usual hour to
-# OFF_HOURS_ATTENTION far from it.
+# message was read. Attention is min(1, CHANNEL_ATTENTION * reach) * timing. The
+# reach is the user's relative reach on the channel: engagement for email, the
+# PUSH_REACH_* values for push, 1 for SMS. Timing falls from 1 at the user's usual
+# hour to OFF_HOURS_ATTENTION far from it.
 CHANNEL_ATTENTION = {"email": 0.7, "push": 0.5, "sms": 0.6}
 APP_USER_SHARE = 0.45
 PUSH_REACH_APP_USER = 2.0
@@ -312,8 +312,10 @@ def respond(
     """Draw the outcomes of a new campaign from the true response.
 
     ``assignments`` has one row per user with columns user_id, arm (a coupon id or
-    "control"), channel and send_at. A bare latent frame uses the default catalogue
-    and skips the check of its validity dates.
+    "control"), channel and send_at. A coupon's effect, and its message's open
+    rate, depend on the channel and on how far send_at is from the user's usual
+    hour; :func:`expected_response` returns the expected values. A bare latent
+    frame uses the default catalogue and skips the check of its validity dates.
     Returns a frame in the outcomes contract, in the order of ``assignments``.
     """
     latent, coupons, check_validity = _latent_and_coupons(world_or_latent)
@@ -337,8 +339,9 @@ def expected_response(
     send_at), but a user may have several rows, for example one per arm to compare.
     The result has TRUTH_COLUMNS, with the arm as coupon_id, then channel and
     send_at, in the order of ``assignments``. Sending each coupon by its first listed
-    channel at the user's usual hour gives the values of ``World.truth``. Raises
-    like :func:`respond` on unknown users, arms, channels or dates.
+    channel at the user's usual hour, rounded to a whole UTC hour as the past
+    campaign does, gives the values of ``World.truth``. Raises like :func:`respond`
+    on unknown users, arms, channels or dates.
     """
     latent, coupons, check_validity = _latent_and_coupons(world_or_latent)
     frame = _validated_assignments(

@@ -400,7 +400,7 @@ def test_view_price_index_per_category(tmp_path: Path, client: Client) -> None:
             {**view, "user_id": "cheap", "category": "home", "price_cents": 500},
             {**view, "user_id": "dear", "category": "home", "price_cents": 2_000},
             {**view, "user_id": "other", "category": "electronics", "price_cents": 9e3},
-            # Neither a priced view nor a view of a known category counts.
+            # Neither a view of an unknown category nor an unpriced view counts.
             {**view, "user_id": "other", "category": "toys", "price_cents": 10},
             {**view, "user_id": "other", "category": "home", "price_cents": 0},
             {"user_id": "quiet", "event_ts": START + DAY, "event_type": "click"},

@@ -1,8 +1,8 @@
 """XGBoost uplift response model: P(convert | user, offer) for every offer and none.
 
 One booster trained in two stages on a randomized past campaign: trees on the user
-features fit conversion without an offer, then trees on the offer features fit each
-offer's effect. Offers enter as attributes, so unsent coupons can be scored too.
+features fit conversion without an offer, then trees on interactions of the offer
+with a few user signals fit its effect. Offers enter as attributes, not ids.
 """
 
 from __future__ import annotations
@@ -71,10 +71,12 @@ OFFER_ATTRIBUTE_FEATURES: tuple[str, ...] = (
     "offer_discount_share_of_aov",
     "offer_min_spend_over_aov",
 )
-# Interactions of the offer with the user's price-sensitivity and reach signals, all
-# 0 for no offer. "Depth" is the discount's share of the average order value and
-# "cheapness" the inverse of the view price index, so that an offer's effect can grow
-# with both, by channel: the effect stage's trees split on these directly.
+# Interactions of the offer with user signals that commonly modify coupon effects,
+# all 0 for no offer. The signals are price sensitivity (views per session and the
+# cheapness of the items viewed), reach (push to app users), purchase frequency and
+# cart abandonment (cart rate). "Depth" is the discount's share of the average order
+# value and "cheapness" the inverse of the view price index, so an offer's effect
+# can grow with both, per channel. The effect stage's trees split on these.
 EFFECT_FEATURES: tuple[str, ...] = (
     "effect_depth_x_views",
     "effect_depth_x_cheapness",
@@ -86,18 +88,17 @@ EFFECT_FEATURES: tuple[str, ...] = (
     "effect_views",
     "effect_cheapness",
     "effect_orders",
+    "effect_cart_rate",
 )
-# Offer columns that the effect stage's trees split on, besides EFFECT_FEATURES and
-# "treated_x_<feature>" (the user feature on rows with an offer, 0 without) for every
-# user feature. Leaving out the offer's kind, channel and value makes every offer's
-# effect a function of these shared signals, which measured better on the simulator
-# than one effect per offer (benchmarks/decision_quality.py).
-EFFECT_STAGE_OFFER_FEATURES: tuple[str, ...] = (
-    "treated",
-    "offer_discount_share_of_aov",
-    "offer_category_affinity",
-)
-TREATED_PREFIX = "treated_x_"
+# Columns that the effect stage's trees split on. Leaving out the offer's kind,
+# channel and value makes every offer's effect a function of these shared signals,
+# and leaving out the other user features keeps the stage from fitting noise: both
+# measured better on the simulator (benchmarks/decision_quality.py).
+# NOTE: an effect that varies along a user feature outside these signals is not
+# learned; add an effect_ interaction for it.
+EFFECT_STAGE_FEATURES = frozenset(
+    {"treated", "offer_discount_share_of_aov", "offer_category_affinity"}
+) | frozenset(EFFECT_FEATURES)
 # The effect stage's trees may only raise the effect along these features.
 _INCREASING_EFFECT_FEATURES = frozenset(
     {
@@ -132,9 +133,9 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 # Trees of the first stage, on the control rows.
 DEFAULT_NUM_BOOST_ROUND = 200
-# The effect stage's trees are shallower: two levels combine an offer attribute with
-# one interaction, and more levels fit noise on a campaign of 10,000 to 30,000 users.
-EFFECT_PARAMS: dict[str, Any] = {"max_depth": 3, "min_child_weight": 100.0, "eta": 0.1}
+# The effect stage's trees are shallower: two levels combine two interactions, and
+# three measured worse on simulated campaigns of 30,000 users.
+EFFECT_PARAMS: dict[str, Any] = {"max_depth": 2}
 DEFAULT_EFFECT_BOOST_ROUND = 200
 SPEC_FORMAT_VERSION = 2
 # Top share of the holdout for the uplift@k metric of evaluate().
@@ -205,7 +206,8 @@ class ResponseModel:
 
         Returns an array of shape ``(len(users), 1 + len(offers))``. Column 0 is no
         offer, and column ``j`` is the offer in row ``j - 1`` of ``offers``. Offers
-        follow the COUPONS contract, but stock, channels and dates are not used.
+        follow the COUPONS contract; an offer counts as sent by the channel that
+        :func:`validate_offers` gives it, and stock and dates are not used.
         """
         users = users.reset_index(drop=True)
         offers = validate_offers(offers, self.offer_kinds, self.categories)
@@ -236,8 +238,8 @@ class ResponseModel:
     ) -> pd.DataFrame:
         """Build the booster's input for each row of ``frame`` under its ``arm``.
 
-        A ``channel`` column of ``frame`` gives the channel each offer was sent by;
-        without one, an offer counts as sent by its coupon's first listed channel.
+        A ``channel`` column of ``frame`` gives the channel each offer was sent by.
+        Without one, an offer counts as sent by its coupon's first listed channel.
         """
         coupons = validate_offers(
             coupons, self.offer_kinds, self.categories, drop_repeated=True
@@ -269,7 +271,7 @@ class ResponseModel:
         offer_part = _offer_feature_block(
             users, offer_rows, self.categories, self.offer_kinds, self.channels
         )
-        effect_part = _effect_feature_block(users, offer_part, self.user_features)
+        effect_part = _effect_feature_block(users, offer_part)
         design = pd.concat([user_part, offer_part, effect_part], axis=1)
         return design[self.feature_names]
 
@@ -345,8 +347,7 @@ def train_response_model(
 
     The first stage fits conversion without an offer on the control rows, so its trees
     split on user features only. The second stage starts from it and fits every row
-    with trees on the effect-stage columns only (EFFECT_STAGE_OFFER_FEATURES,
-    EFFECT_FEATURES and the treated_x_ columns), which are 0 for no offer: its trees
+    with trees on EFFECT_STAGE_FEATURES only, which are 0 for no offer: its trees
     change the prediction of offered rows and shift control rows by one constant.
     Both stages end up in one booster.
 
@@ -560,7 +561,6 @@ def _feature_names(
         *(f"channel_{channel}" for channel in channels),
         *OFFER_ATTRIBUTE_FEATURES,
         *EFFECT_FEATURES,
-        *(f"{TREATED_PREFIX}{name}" for name in user_features),
     ]
 
 
@@ -638,9 +638,9 @@ def _offer_feature_block(
 
 
 def _effect_feature_block(
-    users: pd.DataFrame, offer_part: pd.DataFrame, user_features: tuple[str, ...]
+    users: pd.DataFrame, offer_part: pd.DataFrame
 ) -> pd.DataFrame:
-    """Build EFFECT_FEATURES and the treated_x_ columns from users and offers.
+    """Build EFFECT_FEATURES from the user columns and the offer block.
 
     Missing inputs (no order, so no depth of an amount; no priced view, so no
     cheapness) stay missing, and XGBoost learns where such rows go.
@@ -671,11 +671,9 @@ def _effect_feature_block(
     # 0 * NaN is NaN, so rows without an offer get an explicit 0.
     block["effect_cheapness"] = np.where(treated > 0, cheapness, 0.0)
     block["effect_orders"] = treated * _float_column(users, "orders_90d").to_numpy()
+    block["effect_cart_rate"] = treated * _float_column(users, "cart_rate").to_numpy()
     for name in ("effect_depth_x_cheapness", "effect_depth_x_cheapness_push_app"):
         block[name] = np.where(treated > 0, block[name], 0.0)
-    for name in user_features:
-        values = _float_column(users, name).to_numpy()
-        block[f"{TREATED_PREFIX}{name}"] = np.where(treated > 0, values, 0.0)
     return block
 
 
@@ -689,9 +687,9 @@ def _train_two_stages(
 ) -> xgb.Booster:
     """Fit the user stage on control rows, then the effect stage on every row.
 
-    The second stage sees every column outside the effect-stage columns as 0, so its
-    trees cannot split on them, and its base margin adds back what the first stage
-    predicts from the real columns.
+    In the second stage every column outside EFFECT_STAGE_FEATURES is set to 0, so
+    its trees cannot split on them, and its base margin adds back what the first
+    stage predicts from the real columns.
     """
     names = list(design.columns)
     values = design.to_numpy(dtype=np.float64)
@@ -709,7 +707,7 @@ def _train_two_stages(
     booster = xgb.train(user_params, user_rows, num_boost_round=rounds[0])
 
     offer_values = values.copy()
-    hidden = [i for i, name in enumerate(names) if not _in_effect_stage(name)]
+    hidden = [i for i, name in enumerate(names) if name not in EFFECT_STAGE_FEATURES]
     offer_values[:, hidden] = 0.0
     user_margin = booster.predict(
         xgb.DMatrix(values, feature_names=names), output_margin=True
@@ -735,14 +733,6 @@ def _train_two_stages(
     )
     return xgb.train(
         effect_params, offer_rows, num_boost_round=rounds[1], xgb_model=booster
-    )
-
-
-def _in_effect_stage(name: str) -> bool:
-    return (
-        name in EFFECT_STAGE_OFFER_FEATURES
-        or name in EFFECT_FEATURES
-        or name.startswith(TREATED_PREFIX)
     )
 
 
