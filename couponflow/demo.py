@@ -1,4 +1,4 @@
-"""The main job on a simulated world: every DAG in turn, then the simulator answers.
+"""The main job on a simulated world: every DAG in turn, then simulated outcomes.
 
 Ends by comparing, at the same budget, the true incremental profit of couponflow's
 allocation with random targeting, the likeliest buyers and the oracle.
@@ -118,7 +118,7 @@ def run_demo(
             "seed": seed,
         },
     )
-    step(6, "the simulator answers the campaign from the true response")
+    step(6, "the simulator draws the campaign's outcomes from the true response")
     answer_campaign(settings, DEMO_CAMPAIGN, seed)
     step(7, "DAG ingest_events: the campaign's exposures and outcomes")
     run_dag(settings, "ingest_events")

@@ -38,7 +38,7 @@ XGB_PARAMS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class HillstromStudy:
-    """What the study measured, with where its report is."""
+    """The study's measured summary and the path of its report."""
 
     summary: dict[str, Any]
     report: Path

@@ -123,7 +123,7 @@ def compute_features(snapshot_days: int) -> dict[str, Any]:
 
 def _last_event_time(settings: Settings) -> pd.Timestamp:
     files = lake.lake_files(settings, "events")
-    # Partitions are named by UTC date, so the newest partition holds the last event.
+    # Partitions are named by UTC date, so the newest partition contains the last event.
     newest_day = max(f.parent.name for f in files)
     newest = [f for f in files if f.parent.name == newest_day]
     times = pd.concat(pd.read_parquet(f, columns=["event_ts"]) for f in newest)
@@ -517,7 +517,7 @@ def record_models(
     """Add to the summary the model that allocated the campaign and today's champion.
 
     The next allocate_campaign run loads the champion by its alias; the summary
-    records both, so a reviewer sees whether the experiment judged the champion.
+    records both, so a reviewer can check whether the experiment judged the champion.
     """
     import sqlalchemy as sa
     from mlflow.exceptions import MlflowException

@@ -100,7 +100,8 @@ def test_allocation_respects_budget(
     assert plan["user_id"].is_unique
     treatment = plan[plan["group_name"] == "treatment"]
     assert treatment["expected_cost_cents"].sum() <= loop["budget"]
-    assert (plan["propensity"] > 0).all() and (plan["propensity"] <= 1).all()
+    assert (plan["propensity"] > 0).all()
+    assert (plan["propensity"] <= 1).all()
     assert set(plan.loc[plan["group_name"] == "holdout", "arm"]) == {"control"}
     assert "0" in set(plan["user_id"])
 
