@@ -26,11 +26,10 @@ from couponflow.allocation import (
     likeliest_buyers,
     oracle,
     random_targeting,
-    score_offers,
+    score_users,
     solve_budget,
 )
 from couponflow.features import compute_user_features
-from couponflow.pipeline import expected_basket_cents
 from couponflow.schemas import CONTROL_ARM, EVENTS, USERS
 from couponflow.settings import Settings
 from couponflow.simulate import (
@@ -202,9 +201,7 @@ def score(
     model: ResponseModel, users: pd.DataFrame, offers: pd.DataFrame, margin: float
 ) -> tuple[FloatMatrix, FloatMatrix, FloatMatrix, FloatMatrix]:
     """Score every user x offer as couponflow.pipeline.score_campaign does."""
-    p = model.predict_conversion(users, offers)
-    basket = expected_basket_cents(users["aov_cents"])
-    scores = score_offers(p, basket, offers, margin)
+    p, scores = score_users(model, users, offers, margin)
     return p, scores.profit_cents, scores.cost_cents, scores.uplift
 
 

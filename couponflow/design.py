@@ -21,7 +21,11 @@ import numpy.typing as npt
 import pandas as pd
 
 from couponflow import lake
-from couponflow.allocation import Solution, score_offers, solve_budget
+from couponflow.allocation import (
+    Solution,
+    score_users,
+    solve_budget,
+)
 from couponflow.schemas import (
     ALL_CATEGORIES,
     CATEGORIES,
@@ -267,9 +271,7 @@ def allocate_catalogue(
     (``aov_cents``, or the median of the buyers for a user with none), then solves
     the budget with :func:`couponflow.allocation.solve_budget`.
     """
-    basket = expected_basket_cents(users)
-    p = model.predict_conversion(users, catalogue)
-    scores = score_offers(p, basket, catalogue, margin_rate)
+    _, scores = score_users(model, users, catalogue, margin_rate)
     return solve_budget(scores.profit_cents, scores.cost_cents, budget_cents)
 
 
@@ -468,22 +470,6 @@ def catalogue_frame(
     return coerce(frame, COUPONS)
 
 
-def expected_basket_cents(users: pd.DataFrame) -> npt.NDArray[np.int64]:
-    """Return each user's ``aov_cents``, or the median of the buyers' for a user with 0.
-
-    The same rule as the allocate_campaign DAG, so that the objective of a designed
-    catalogue matches how a campaign would score it.
-    """
-    from couponflow.pipeline import expected_basket_cents as campaign_basket
-
-    if "aov_cents" not in users.columns:
-        raise ValueError(
-            "users has no aov_cents column; pass the user feature frame, which the "
-            "expected basket of each user comes from"
-        )
-    return np.asarray(campaign_basket(users["aov_cents"]), dtype=np.int64)
-
-
 def log_design(result: DesignResult, settings: Settings) -> str:
     """Log a design run to MLflow experiment "couponflow-design" and return its run id.
 
@@ -638,7 +624,6 @@ class _Evaluator:
     ) -> None:
         self.model = model
         self.users = users
-        self.basket = expected_basket_cents(users)
         self.budget_cents = budget_cents
         self.margin_rate = margin_rate
         self.profit: dict[Coupon, npt.NDArray[np.float64]] = {}
@@ -657,8 +642,7 @@ class _Evaluator:
         offers = catalogue_frame(
             new, pd.Timestamp(0, tz="UTC"), pd.Timestamp(0, tz="UTC"), 1, "candidate"
         )
-        p = self.model.predict_conversion(self.users, offers)
-        scores = score_offers(p, self.basket, offers, self.margin_rate)
+        _, scores = score_users(self.model, self.users, offers, self.margin_rate)
         for j, coupon in enumerate(new):
             self.profit[coupon] = scores.profit_cents[:, j]
             self.cost[coupon] = scores.cost_cents[:, j]

@@ -266,7 +266,7 @@ def active_offers(
 
 def score_campaign(campaign_id: str, offers: list[str]) -> dict[str, Any]:
     """Score every user x offer with the champion model; save the matrices."""
-    from couponflow.allocation import score_offers
+    from couponflow.allocation import score_users
     from couponflow.feature_store import training_frame
     from training.registry import load_champion
 
@@ -282,9 +282,7 @@ def score_campaign(campaign_id: str, offers: list[str]) -> dict[str, Any]:
     if not offers:
         coupons, dropped = drop_losing_offers(settings, coupons)
 
-    p = model.predict_conversion(users, coupons)
-    basket = expected_basket_cents(users["aov_cents"])
-    scores = score_offers(p, basket, coupons, settings.margin_rate)
+    p, scores = score_users(model, users, coupons, settings.margin_rate)
     folder.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         folder / "scores.npz",
@@ -350,19 +348,6 @@ def drop_losing_offers(
             "offers in the Params to override it"
         )
     return kept, dropped
-
-
-def expected_basket_cents(aov_cents: pd.Series) -> np.ndarray:
-    """Return each user's expected order value in cents, for discount and margin.
-
-    A user with no purchase in the feature window has aov 0; their basket is taken as
-    the median order value of the users who did buy, since a conversion of theirs
-    is still an order of ordinary size.
-    """
-    aov = aov_cents.fillna(0).to_numpy("int64")
-    bought = aov[aov > 0]
-    fallback = int(np.median(bought)) if bought.size else 0
-    return np.where(aov > 0, aov, fallback).astype("int64")
 
 
 def solve_campaign(

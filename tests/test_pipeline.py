@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from couponflow.allocation import expected_basket_cents
 from couponflow.pipeline import (
     active_offers,
     campaign_dir,
     campaign_id_or_default,
-    expected_basket_cents,
     snapshot_times,
 )
 from couponflow.settings import Settings
@@ -48,13 +48,14 @@ def test_campaign_id_default_from_run_id() -> None:
 
 
 def test_basket_falls_back_to_median_of_buyers() -> None:
-    basket = expected_basket_cents(pd.Series([0, 1000, 3000, 0, 2000]))
+    users = pd.DataFrame({"aov_cents": [0, 1000, 3000, 0, 2000]})
+    basket = expected_basket_cents(users)
     assert basket.dtype == np.int64
     assert basket.tolist() == [2000, 1000, 3000, 2000, 2000]
 
 
 def test_basket_without_any_buyer_is_zero() -> None:
-    assert expected_basket_cents(pd.Series([0, 0])).tolist() == [0, 0]
+    assert expected_basket_cents(pd.DataFrame({"aov_cents": [0, 0]})).tolist() == [0, 0]
 
 
 def test_active_offers_filters_and_checks() -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from couponflow.allocation.scoring import score_offers
+from couponflow.allocation.scoring import expected_basket_cents, score_users
 from couponflow.analysis.ipw import Estimate
 from couponflow.analysis.ope import (
     action_indices,
@@ -26,7 +26,6 @@ from couponflow.analysis.ope import (
     snips_value,
 )
 from couponflow.money import percent_of_cents_array
-from couponflow.pipeline import expected_basket_cents
 from couponflow.schemas import CONTROL_ARM
 from training.response import ResponseModel, evaluate, validate_offers
 
@@ -105,9 +104,8 @@ def greedy_policy_arms(
         coupons, model.offer_kinds, model.categories, drop_repeated=True
     )
     frame = holdout_frame.reset_index(drop=True)
-    probabilities = model.predict_conversion(frame, offers)
-    basket = expected_basket_cents(frame["aov_cents"])
-    scores = score_offers(probabilities, basket, offers, margin_rate)
+    probabilities, scores = score_users(model, frame, offers, margin_rate)
+    basket = expected_basket_cents(frame)
 
     control_profit = margin_rate * basket * probabilities[:, 0]
     reward_model = np.column_stack(

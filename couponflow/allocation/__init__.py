@@ -43,7 +43,13 @@ from couponflow.allocation.policy import (
     draw_groups,
     plan_rows,
 )
-from couponflow.allocation.scoring import OfferScores, score_offers
+from couponflow.allocation.scoring import (
+    ConversionModel,
+    OfferScores,
+    expected_basket_cents,
+    score_offers,
+    score_users,
+)
 from couponflow.allocation.send_hours import (
     SendHours,
     activity_from_features,
@@ -72,6 +78,7 @@ __all__ = [
     "UNLIMITED",
     "Allocation",
     "AllocationSpec",
+    "ConversionModel",
     "EligibilityRules",
     "ExactSolution",
     "LPSolution",
@@ -93,6 +100,7 @@ __all__ = [
     "draw_holdout",
     "dual_bound",
     "expand_over_channels",
+    "expected_basket_cents",
     "exposure_history",
     "likeliest_buyers",
     "oracle",
@@ -100,6 +108,7 @@ __all__ = [
     "random_targeting",
     "read_current_allocation",
     "score_offers",
+    "score_users",
     "solve_allocation",
     "solve_allocation_dask",
     "solve_allocation_exact",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +68,54 @@ class OfferScores:
     @property
     def n_offers(self) -> int:
         return int(self.profit_cents.shape[1])
+
+
+class ConversionModel(Protocol):
+    """What scoring needs of a response model: P(convert) under no offer and each."""
+
+    def predict_conversion(
+        self, users: pd.DataFrame, offers: pd.DataFrame
+    ) -> npt.NDArray[np.float64]: ...
+
+
+def expected_basket_cents(users: pd.DataFrame) -> IntArray:
+    """Return each user's expected order value in cents, for discount and margin.
+
+    A user with no purchase in the feature window has ``aov_cents`` 0; their basket
+    is taken as the median order value of the users who did buy, since a conversion
+    of theirs is still an order of ordinary size.
+    """
+    if "aov_cents" not in users.columns:
+        raise ValueError(
+            "users has no aov_cents column; pass the user feature frame, which the "
+            "expected basket of each user comes from"
+        )
+    aov = users["aov_cents"].fillna(0).to_numpy("int64")
+    bought = aov[aov > 0]
+    fallback = int(np.median(bought)) if bought.size else 0
+    return np.where(aov > 0, aov, fallback).astype("int64")
+
+
+def score_users(
+    model: ConversionModel,
+    users: pd.DataFrame,
+    offers: pd.DataFrame,
+    margin_rate: float,
+    channel: str | None = None,
+) -> tuple[npt.NDArray[np.float64], OfferScores]:
+    """Predict and score every user x offer; return the probabilities and scores.
+
+    Each offer counts as sent by ``channel``, or by its first listed channel when
+    ``channel`` is None. The probabilities are the model's ``(n_users, 1 +
+    n_offers)`` output; the scores are those of :func:`score_offers` on each user's
+    :func:`expected_basket_cents`. Every caller that turns a response model into
+    profit (campaigns, the promotion gate, coupon design, the benchmarks) goes
+    through here, so they all value an offer alike.
+    """
+    sent = offers if channel is None else offers.assign(channel=channel)
+    p = model.predict_conversion(users, sent)
+    basket = expected_basket_cents(users)
+    return p, score_offers(p, basket, offers, margin_rate)
 
 
 def score_offers(
