@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from couponflow import lake
-from couponflow.schemas import CONTROL_ARM
+from couponflow.schemas import CHANNELS, CONTROL_ARM
 from couponflow.settings import Settings, get_settings
 from couponflow.store import get_engine
 
@@ -265,8 +265,13 @@ def active_offers(
 
 
 def score_campaign(campaign_id: str, offers: list[str]) -> dict[str, Any]:
-    """Score every user x offer with the champion model; save the matrices."""
-    from couponflow.allocation import score_users
+    """Score every user x offer x channel with the champion model; save the scores.
+
+    The campaign folder gets ``scores.npz`` (probabilities, expected profit, cost
+    and uplift per user, offer and channel), the users' feature rows, which
+    eligibility and send hours read, and the offers.
+    """
+    from couponflow.allocation import score_channels
     from couponflow.feature_store import training_frame
     from training.registry import load_champion
 
@@ -282,21 +287,22 @@ def score_campaign(campaign_id: str, offers: list[str]) -> dict[str, Any]:
     if not offers:
         coupons, dropped = drop_losing_offers(settings, coupons)
 
-    p, scores = score_users(model, users, coupons, settings.margin_rate)
+    scores = score_channels(model, users, coupons, settings.margin_rate, CHANNELS)
     folder.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         folder / "scores.npz",
-        p=p,
+        p=scores.p,
         profit=scores.profit_cents,
         cost=scores.cost_cents,
         uplift=scores.uplift,
     )
-    users[["user_id"]].to_parquet(folder / "users.parquet", index=False)
+    users.to_parquet(folder / "users.parquet", index=False)
     coupons.to_parquet(folder / "offers.parquet", index=False)
     return {
         "campaign_id": campaign_id,
         "users": len(users),
         "offers": coupons["coupon_id"].tolist(),
+        "channels": list(CHANNELS),
         "dropped_offers": dropped,
         "as_of": as_of.isoformat(),
         "model_uri": getattr(model, "model_uri", "champion"),
@@ -351,74 +357,175 @@ def drop_losing_offers(
 
 
 def solve_campaign(
-    scores: dict[str, Any], budget_cents: int, holdout_fraction: float, seed: int
+    scores: dict[str, Any],
+    budget_cents: int,
+    holdout_fraction: float,
+    seed: int,
+    explore_fraction: float = 0.0,
+    message_cost_cents: dict[str, int] | None = None,
+    channel_capacity: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Choose at most one offer per user within budget; store it atomically."""
+    """Choose at most one (offer, channel, send hour) per user; store it atomically.
+
+    The full problem: each user's send hour per channel comes from their active
+    hours, eligibility from the offer rules and the user's past exposures, and the
+    solver keeps the budget, each offer's stock and each channel's capacity, net of
+    message costs. A holdout and an exploration share are drawn, and every choice
+    is stored with its propensity. ``explore_fraction`` is lowered (halved until it
+    fits, possibly to 0) when its random draws would use more than a fifth of a
+    limit; the fraction used is in the summary and the stored params.
+    """
     from couponflow.allocation import (
-        OfferScores,
-        assign_campaign,
-        solve_budget,
+        UNLIMITED,
+        AllocationSpec,
+        ChannelRules,
+        ChannelScores,
+        EligibilityRules,
+        UserOptions,
+        allocate_campaign,
+        at_send_hours,
+        build_eligibility,
+        exposure_history,
+        fit_explore_fraction,
+        plan_rows,
+        send_hours_for,
         write_allocation,
     )
 
     settings = get_settings()
     folder = Path(scores["folder"])
+    channels = tuple(scores["channels"])
+    defaults = ChannelRules()
+    rules = ChannelRules(
+        channels=channels,
+        message_cost_cents=(
+            defaults.message_cost_cents
+            if message_cost_cents is None
+            else dict(message_cost_cents)
+        ),
+        capacity=dict(channel_capacity or {}),
+    )
     matrices = np.load(folder / "scores.npz")
     users = pd.read_parquet(folder / "users.parquet")
     coupons = pd.read_parquet(folder / "offers.parquet")
-    offer_scores = OfferScores(
-        profit_cents=matrices["profit"],
-        cost_cents=matrices["cost"],
-        uplift=matrices["uplift"],
-        offer_ids=coupons["coupon_id"].tolist(),
+    user_ids = users["user_id"].astype(str)
+    as_of = pd.Timestamp(scores["as_of"])
+
+    hours = send_hours_for(users, rules)
+    timed = at_send_hours(
+        ChannelScores(
+            offer_ids=tuple(coupons["coupon_id"].astype(str)),
+            channels=channels,
+            p=matrices["p"],
+            profit_cents=matrices["profit"],
+            cost_cents=matrices["cost"],
+            uplift=matrices["uplift"],
+        ),
+        hours.reach,
     )
-    solution = solve_budget(
-        offer_scores.profit_cents, offer_scores.cost_cents, budget_cents
+    eligibility_rules = EligibilityRules()
+    history = exposure_history(
+        lake.read_lake_table(settings, "exposures"),
+        user_ids,
+        as_of,
+        eligibility_rules.frequency_window_days,
     )
-    send_at = pd.Timestamp(scores["as_of"])
-    plan = assign_campaign(
-        users["user_id"].astype(str).tolist(),
-        solution,
-        offer_scores,
-        holdout_fraction=holdout_fraction,
-        seed=seed,
-        send_at=send_at,
-        channel=_default_channels(coupons),
+    offers = coupons.assign(
+        channels=coupons["channels"]
+        .fillna(",".join(channels))
+        .replace("", ",".join(channels))
     )
+    eligible = build_eligibility(
+        pd.concat([users, history], axis=1),
+        offers,
+        hours.send_times(as_of),
+        eligibility_rules,
+        channels,
+    )
+    spec = AllocationSpec(
+        offer_ids=tuple(coupons["coupon_id"].astype(str)),
+        budget_cents=budget_cents,
+        stock=coupons["stock"].fillna(UNLIMITED).to_numpy(dtype=np.int64),
+        channels=channels,
+        capacity=np.array(
+            [rules.capacity.get(c, UNLIMITED) for c in channels], dtype=np.int64
+        ),
+        message_cost_cents=rules.cost_array(),
+    )
+    options = UserOptions(
+        timed.profit_cents.astype(np.float32),
+        timed.cost_cents.astype(np.float32),
+        eligible,
+    )
+    explore = fit_explore_fraction(
+        options, spec, user_ids, holdout_fraction, explore_fraction, seed
+    )
+    if explore < explore_fraction:
+        log.warning(
+            "explore_fraction lowered from %s to %s: the exploration draws would use "
+            "more than a fifth of the budget, a stock or a channel capacity",
+            explore_fraction,
+            explore,
+        )
+    randomized = allocate_campaign(
+        options, spec, user_ids, holdout_fraction, explore, seed
+    )
+    plan = plan_rows(randomized, options, user_ids, hours, as_of, uplift=timed.uplift)
+
     engine = get_engine(settings.campaign_db_url)
     params = {
         "budget_cents": budget_cents,
         "holdout_fraction": holdout_fraction,
+        "explore_fraction": explore,
+        "explore_fraction_requested": explore_fraction,
         "seed": seed,
         "offers": scores["offers"],
+        "message_cost_cents": dict(rules.message_cost_cents),
+        "channel_capacity": dict(rules.capacity),
     }
     version = write_allocation(
         engine, scores["campaign_id"], plan, scores["model_uri"], budget_cents, params
     )
     plan.to_parquet(folder / f"allocation-v{version}.parquet", index=False)
-    granted = plan[plan["arm"] != CONTROL_ARM]
-    summary = {
-        "campaign_id": scores["campaign_id"],
-        "version": version,
-        "users": len(plan),
-        "holdout_users": int((plan["group_name"] == "holdout").sum()),
-        "offers_granted": int(len(granted)),
-        "expected_cost_cents": int(
-            plan.loc[plan["group_name"] == "treatment", "expected_cost_cents"].sum()
-        ),
-        "budget_cents": budget_cents,
-        "budget_used_fraction": solution.budget_used_fraction,
-        "expected_profit_cents": float(solution.total_profit_cents),
-    }
+    summary = allocation_summary(plan, randomized.solution, eligible, budget_cents)
+    summary.update(
+        campaign_id=scores["campaign_id"],
+        version=version,
+        explore_fraction=explore,
+    )
     log.info("allocation %s", summary)
     return summary
 
 
-def _default_channels(coupons: pd.DataFrame) -> dict[str, str]:
-    """Return each coupon's first listed channel."""
+def allocation_summary(
+    plan: pd.DataFrame, solution: Any, eligible: np.ndarray, budget_cents: int
+) -> dict[str, Any]:
+    """Return the counts a reviewer checks: who got what, by which channel, when."""
+    sent = plan[plan["arm"] != CONTROL_ARM]
+    cost = int(plan["expected_cost_cents"].sum())
     return {
-        str(row.coupon_id): str(row.channels).split(",")[0].strip() or "email"
-        for row in coupons.itertuples()
+        "users": len(plan),
+        "users_with_an_eligible_option": int(eligible.any(axis=(1, 2)).sum()),
+        "holdout_users": int((plan["group_name"] == "holdout").sum()),
+        "exploring_users": int((plan["assignment"] == "explore").sum()),
+        "offers_granted": len(sent),
+        "grants_by_offer": {
+            str(k): int(v) for k, v in sent["arm"].value_counts().sort_index().items()
+        },
+        "grants_by_channel": {
+            str(k): int(v)
+            for k, v in sent["channel"].value_counts().sort_index().items()
+        },
+        "grants_by_send_hour": {
+            int(k): int(v)
+            for k, v in sent["send_at"].dt.hour.value_counts().sort_index().items()
+        },
+        "expected_cost_cents": cost,
+        "budget_cents": budget_cents,
+        "budget_used_fraction": cost / budget_cents if budget_cents else None,
+        "expected_profit_cents": int(plan["expected_profit_cents"].sum()),
+        "policy_profit_cents": float(solution.objective_cents),
+        "policy_dual_bound_cents": float(solution.dual_bound_cents),
     }
 
 

@@ -1,8 +1,12 @@
-"""Allocate a campaign: at most one coupon per user, within budget, with a holdout.
+"""Allocate a campaign: at most one coupon, channel and send hour per user.
 
-Loads the `champion` response model, scores every user x offer, solves the budgeted
-choice, draws a randomized holdout and stores each assignment with its propensity.
-Trigger it from the UI to set the campaign, budget, offers, holdout and seed.
+Loads the `champion` response model and scores every user x offer x channel. Each
+user's send hour per channel comes from their active hours; eligibility from the
+offer rules and past exposures. The solver keeps the budget, each coupon's stock and
+each channel's capacity, net of message costs; a randomized holdout and an
+exploration share are drawn and every assignment is stored with its propensity.
+Trigger it from the UI to set the campaign, budget, offers, holdout, exploration,
+channel costs and capacities, and seed.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ def solve_allocation(
         budget_cents=int(params["budget_cents"]),
         holdout_fraction=float(params["holdout_fraction"]),
         seed=int(params["seed"]),
+        explore_fraction=float(params["explore_fraction"]),
+        message_cost_cents=dict(params["message_cost_cents"]),
+        channel_capacity=dict(params["channel_capacity"]),
     )
 
 
@@ -68,6 +75,28 @@ def solve_allocation(
             description="Coupon ids to consider; empty means the whole catalogue.",
         ),
         "holdout_fraction": Param(0.1, type="number", minimum=0, exclusiveMaximum=1),
+        "explore_fraction": Param(
+            0.05,
+            type="number",
+            minimum=0,
+            exclusiveMaximum=1,
+            description=(
+                "Share of users given a uniformly drawn eligible option; lowered "
+                "when its draws would use over a fifth of a limit."
+            ),
+        ),
+        "message_cost_cents": Param(
+            {"email": 0, "push": 0, "sms": 5},
+            type="object",
+            additionalProperties={"type": "integer", "minimum": 0},
+            description="Cost of one message per channel, in cents.",
+        ),
+        "channel_capacity": Param(
+            {},
+            type="object",
+            additionalProperties={"type": "integer", "minimum": 0},
+            description="Most messages per channel; a channel left out has no limit.",
+        ),
         "seed": Param(11, type="integer"),
     },
 )

@@ -106,6 +106,29 @@ def test_allocation_respects_budget(
     assert "0" in set(plan["user_id"])
 
 
+def test_allocation_sends_on_listed_channels_at_user_hours(
+    loop: dict[str, object], settings: Settings
+) -> None:
+    from couponflow.allocation import read_current_allocation
+    from couponflow.store import get_engine
+
+    plan = read_current_allocation(get_engine(settings.campaign_db_url), CAMPAIGN)
+    coupons = lake.read_lake_table(settings, "coupons").drop_duplicates("coupon_id")
+    listed = {
+        str(c.coupon_id): set(str(c.channels).split(",")) for c in coupons.itertuples()
+    }
+    offered = plan[plan["policy_arm"] != "control"]
+    assert len(offered) > 0
+    for row in offered.itertuples():
+        assert row.channel in listed[row.policy_arm], row
+    first_send = offered["send_at"].min()
+    assert (offered["send_at"] < first_send.floor("D") + pd.Timedelta(days=2)).all()
+    sms_hours = offered.loc[offered["channel"] == "sms", "send_at"].dt.hour
+    assert sms_hours.between(8, 20).all()
+    # Send hours follow each user's active hours, so they are not all one hour.
+    assert offered["send_at"].dt.hour.nunique() > 3
+
+
 def test_report_and_summary_written(
     loop: dict[str, object], settings: Settings
 ) -> None:

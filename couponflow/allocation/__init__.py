@@ -1,10 +1,13 @@
 """Campaign allocation: score offers, choose one per user under a budget, store plans.
 
-A campaign run calls :func:`score_offers`, :func:`solve_budget`,
-:func:`assign_campaign` and :func:`write_allocation` in that order. The full problem
-(offer x channel x send hour per user, with stock, capacity and eligibility) goes
-through :func:`build_eligibility`, :func:`solve_allocation` (or
-:func:`solve_allocation_dask`), :func:`allocate_campaign` and :func:`plan_rows`.
+A campaign run (the allocate_campaign DAG) solves the full problem: offer x channel x
+send hour per user, with budget, stock, channel capacity and cost, and eligibility.
+It calls :func:`score_channels`, :func:`send_hours_for`, :func:`at_send_hours`,
+:func:`build_eligibility`, :func:`allocate_campaign` (which calls
+:func:`solve_allocation`; :func:`solve_allocation_dask` solves inputs larger than
+memory), :func:`plan_rows` and :func:`write_allocation`. :func:`solve_budget` and
+:func:`assign_campaign` are the budget-only problem of coupon design and the
+baselines.
 """
 
 from couponflow.allocation.baselines import likeliest_buyers, oracle, random_targeting
@@ -14,6 +17,13 @@ from couponflow.allocation.campaign import (
     TREATMENT,
     assign_campaign,
     draw_holdout,
+)
+from couponflow.allocation.channels import (
+    ChannelRules,
+    ChannelScores,
+    at_send_hours,
+    score_channels,
+    send_hours_for,
 )
 from couponflow.allocation.dask_solver import solve_allocation_dask
 from couponflow.allocation.eligibility import (
@@ -41,6 +51,7 @@ from couponflow.allocation.policy import (
     RandomizedAllocation,
     allocate_campaign,
     draw_groups,
+    fit_explore_fraction,
     plan_rows,
 )
 from couponflow.allocation.scoring import (
@@ -78,6 +89,8 @@ __all__ = [
     "UNLIMITED",
     "Allocation",
     "AllocationSpec",
+    "ChannelRules",
+    "ChannelScores",
     "ConversionModel",
     "EligibilityRules",
     "ExactSolution",
@@ -91,6 +104,7 @@ __all__ = [
     "UserOptions",
     "activity_from_features",
     "allocate_campaign",
+    "at_send_hours",
     "assign_campaign",
     "build_eligibility",
     "channel_reach",
@@ -102,13 +116,16 @@ __all__ = [
     "expand_over_channels",
     "expected_basket_cents",
     "exposure_history",
+    "fit_explore_fraction",
     "likeliest_buyers",
     "oracle",
     "plan_rows",
     "random_targeting",
     "read_current_allocation",
+    "score_channels",
     "score_offers",
     "score_users",
+    "send_hours_for",
     "solve_allocation",
     "solve_allocation_dask",
     "solve_allocation_exact",

@@ -171,6 +171,49 @@ def allocate_campaign(
     )
 
 
+def fit_explore_fraction(
+    options: UserOptions,
+    spec: AllocationSpec,
+    user_ids: Sequence[str] | pd.Series,
+    holdout_fraction: float,
+    explore_fraction: float,
+    seed: int,
+    max_share: float = 0.2,
+) -> float:
+    """Return the largest of ``explore_fraction``, its half, quarter, ... or 0 whose
+    exploration draws use at most ``max_share`` of the budget, of each offer's
+    stock and of each channel's capacity.
+
+    The draws at a fraction are exactly those :func:`allocate_campaign` makes with
+    it, so the returned fraction never makes it raise. A fraction that draws no
+    user, or is below 1e-4, counts as 0.
+    """
+    _validate_fractions(holdout_fraction, explore_fraction)
+    if not 0.0 <= max_share <= 1.0:
+        raise ValueError(f"max_share must be in [0, 1], got {max_share}")
+    options.check_spec(spec)
+    ids = pd.Series(user_ids, dtype="string")
+    open_options = _open_options(options, spec)
+    fraction = explore_fraction
+    while fraction >= 1e-4:
+        group, choice_draw = draw_groups(ids, holdout_fraction, fraction, seed)
+        explorers = np.flatnonzero(group == GROUP_EXPLORE)
+        if explorers.size == 0:
+            # A fraction too small to draw anyone explores nothing.
+            return 0.0
+        explored = _draw_options(open_options[explorers], choice_draw[explorers])
+        quanta, grants, messages = _usage(options, spec, explorers, explored)
+        fits = (
+            quanta <= max_share * spec.budget_cents * COST_QUANTA_PER_CENT
+            and bool((grants <= max_share * spec.stock).all())
+            and bool((messages <= max_share * spec.capacity).all())
+        )
+        if fits:
+            return fraction
+        fraction /= 2.0
+    return 0.0
+
+
 def plan_rows(
     randomized: RandomizedAllocation,
     options: UserOptions,
@@ -188,8 +231,9 @@ def plan_rows(
     solver's option for them, and other rows have ``policy_arm`` equal to ``arm``.
     ``send_at`` is the first time at the (user, channel) send hour at or after
     ``send_after``, or ``send_after`` for a row without a channel.
-    ``uplift`` is ``(n_users, n_offers)``, the predicted uplift of an offer seen by
-    the user; it is scaled by the channel's reach, and 0 when not given.
+    ``uplift`` is either ``(n_users, n_offers)``, the predicted uplift of an offer
+    seen by the user, which is scaled by the channel's reach, or ``(n_users,
+    n_offers, n_channels)``, taken as it is; ``score_uplift`` is 0 when not given.
     """
     spec = randomized.solution.spec
     n_users = options.n_users
@@ -220,11 +264,15 @@ def plan_rows(
     score = np.zeros(n_users)
     if uplift is not None:
         predicted = np.asarray(uplift, dtype=np.float64)
-        if predicted.shape != (n_users, spec.n_offers):
+        if predicted.shape == (n_users, spec.n_offers, spec.n_channels):
+            score[users] = predicted[users, offer, channel]
+        elif predicted.shape == (n_users, spec.n_offers):
+            score[users] = predicted[users, offer] * send_hours.reach[users, channel]
+        else:
             raise ValueError(
-                f"uplift must be ({n_users}, {spec.n_offers}), got {predicted.shape}"
+                f"uplift must be ({n_users}, {spec.n_offers}) or ({n_users}, "
+                f"{spec.n_offers}, {spec.n_channels}), got {predicted.shape}"
             )
-        score[users] = predicted[users, offer] * send_hours.reach[users, channel]
 
     sent = np.flatnonzero(recorded != NO_OPTION)
     sent_offer = recorded[sent] // spec.n_channels
@@ -311,12 +359,7 @@ def _reserve(
     explorers: IntArray,
     explored: npt.NDArray[np.int16],
 ) -> tuple[int, IntArray, IntArray]:
-    drawn = explored != NO_OPTION
-    users, option = explorers[drawn], explored[drawn].astype(np.int64)
-    cost = options.cost_cents.reshape(options.n_users, spec.n_options)[users, option]
-    quanta = int(quantize(cost).sum())
-    grants = np.bincount(spec.option_offer[option], minlength=spec.n_offers)
-    messages = np.bincount(spec.option_channel[option], minlength=spec.n_channels)
+    quanta, grants, messages = _usage(options, spec, explorers, explored)
     if quanta > spec.budget_cents * COST_QUANTA_PER_CENT:
         raise ValueError(
             f"exploration draws cost {quanta / COST_QUANTA_PER_CENT:.0f} cents, over "
@@ -334,6 +377,22 @@ def _reserve(
                 f"exploration draws use {int(used[j])} of {names[j]!r}, over its limit "
                 f"of {int(limit[j])}; lower explore_fraction or raise the limit"
             )
+    return quanta, grants, messages
+
+
+def _usage(
+    options: UserOptions,
+    spec: AllocationSpec,
+    explorers: IntArray,
+    explored: npt.NDArray[np.int16],
+) -> tuple[int, IntArray, IntArray]:
+    """Return the cost quanta, grants per offer and messages per channel of draws."""
+    drawn = explored != NO_OPTION
+    users, option = explorers[drawn], explored[drawn].astype(np.int64)
+    cost = options.cost_cents.reshape(options.n_users, spec.n_options)[users, option]
+    quanta = int(quantize(cost).sum())
+    grants = np.bincount(spec.option_offer[option], minlength=spec.n_offers)
+    messages = np.bincount(spec.option_channel[option], minlength=spec.n_channels)
     return quanta, grants, messages
 
 

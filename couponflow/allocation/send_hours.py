@@ -113,7 +113,10 @@ def choose_send_hours(
     """Pick each (user, channel) hour with the highest ``activity * reach_by_hour``.
 
     ``activity`` is ``(n_users, 24)`` in [0, 1] and ``reach_by_hour`` is
-    ``(n_channels, 24)`` from :func:`channel_reach`. Ties go to the earlier hour.
+    ``(n_channels, 24)`` from :func:`channel_reach`. Only hours where the channel's
+    reach is above 0 are chosen, so a user never active in them still gets one of
+    them (with reach 0); a channel with no such hour gets hour 0 and reach 0. Ties
+    go to the earlier hour.
     """
     active = np.asarray(activity, dtype=np.float32)
     by_hour = np.asarray(reach_by_hour, dtype=np.float32)
@@ -135,7 +138,10 @@ def choose_send_hours(
     for start in range(0, n_users, chunk_users):
         stop = min(start + chunk_users, n_users)
         score = active[start:stop, None, :] * by_hour[None, :, :]
+        # An hour the channel may not send at never wins, even against a zero score.
+        score = np.where(by_hour[None, :, :] > 0, score, -1.0)
         best = score.argmax(axis=2)
         hour[start:stop] = best
-        reach[start:stop] = np.take_along_axis(score, best[:, :, None], axis=2)[:, :, 0]
+        best_score = np.take_along_axis(score, best[:, :, None], axis=2)[:, :, 0]
+        reach[start:stop] = np.maximum(best_score, 0.0)
     return SendHours(hour=hour, reach=reach, channels=channels)
