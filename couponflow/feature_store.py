@@ -27,6 +27,7 @@ from feast.repo_contents import RepoContents
 from feast.repo_operations import apply_total_with_repo_instance
 from feast.types import FeastType, Float64, Int64, String
 
+from couponflow.features import INTEREST_FEATURE_COLUMNS
 from couponflow.settings import REPO_ROOT, Settings
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,12 @@ def apply_definitions(settings: Settings, project: str = PROJECT) -> None:
     """Register the definitions of feature_repo/ and create their online tables.
 
     Does what `feast apply` does: objects of ``project`` that the repository no
-    longer defines are deleted. Writes an empty user_profiles.parquet first when
-    none exists, so the profile view can be registered before its first run.
+    longer defines are deleted. Writes an empty user_profiles.parquet and
+    user_interest.parquet first when they do not exist, so that their views can be
+    registered before the pipelines that fill them have run.
     """
     started = time.perf_counter()
-    ensure_profile_source(settings)
+    ensure_optional_sources(settings)
     store = get_store(settings, project)
     definitions = load_definitions(settings)
     contents = RepoContents(
@@ -114,8 +116,13 @@ def apply_definitions(settings: Settings, project: str = PROJECT) -> None:
         data_sources=[
             definitions.user_features_source,
             definitions.user_profile_source,
+            definitions.user_interest_source,
         ],
-        feature_views=[definitions.user_features, definitions.user_profile],
+        feature_views=[
+            definitions.user_features,
+            definitions.user_profile,
+            definitions.user_interest,
+        ],
         on_demand_feature_views=[],
         stream_feature_views=[],
         label_views=[],
@@ -150,7 +157,7 @@ def materialize(settings: Settings, end: datetime, project: str = PROJECT) -> No
     """
     end_utc = _aware_utc(end, "end")
     _require_features_file(settings)
-    ensure_profile_source(settings)
+    ensure_optional_sources(settings)
     store = get_store(settings, project)
     started = time.perf_counter()
     for view in store.list_feature_views():
@@ -189,7 +196,7 @@ def training_frame(
     """
     entities = _checked_entity_df(entity_df)
     _require_features_file(settings)
-    ensure_profile_source(settings)
+    ensure_optional_sources(settings)
     store = get_store(settings, project)
     service = store.get_feature_service(FEATURE_SERVICE)
     feature_dtypes = _feature_dtypes(service)
@@ -260,30 +267,37 @@ def online_features(
     return frame[list(dtypes)].astype(dtypes)
 
 
+def ensure_optional_sources(settings: Settings) -> None:
+    """Write an empty profile and interest table for each that does not exist yet.
+
+    A view whose table is empty returns null features, so training and serving work
+    before the profile model or the interest scores have been computed.
+    """
+    ensure_profile_source(settings)
+    ensure_interest_source(settings)
+
+
 def ensure_profile_source(settings: Settings) -> Path:
     """Write an empty user_profiles.parquet with the profile schema, unless one exists.
 
     Never replaces an existing file, even one written concurrently by the profile
     pipeline: the empty table is linked into place only if the name is free.
     """
-    assert settings.feature_dir is not None
     definitions = load_definitions(settings)
-    path = Path(definitions.user_profile_source.path)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    empty = pd.DataFrame(
-        {name: pd.Series(dtype=dtype) for name, dtype in PROFILE_COLUMNS.items()}
+    return _ensure_empty_table(
+        Path(definitions.user_profile_source.path), PROFILE_COLUMNS
     )
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        empty.to_parquet(temporary, index=False)
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)
-            log.info("wrote an empty user profile table to %s", path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+
+
+def ensure_interest_source(settings: Settings) -> Path:
+    """Write an empty user_interest.parquet with the interest schema, unless one exists.
+
+    Never replaces an existing file, as :func:`ensure_profile_source`.
+    """
+    definitions = load_definitions(settings)
+    return _ensure_empty_table(
+        Path(definitions.user_interest_source.path), INTEREST_FEATURE_COLUMNS
+    )
 
 
 def load_definitions(settings: Settings) -> Any:
@@ -356,6 +370,24 @@ def _online_store_config(settings: Settings) -> dict[str, Any]:
     raise ValueError(
         f"invalid COUPONFLOW_FEAST_ONLINE_STORE {kind!r}: use 'sqlite' or 'redis'"
     )
+
+
+def _ensure_empty_table(path: Path, columns: dict[str, str]) -> Path:
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    empty = pd.DataFrame(
+        {name: pd.Series(dtype=dtype) for name, dtype in columns.items()}
+    )
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        empty.to_parquet(temporary, index=False)
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+            log.info("wrote an empty table to %s", path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

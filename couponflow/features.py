@@ -21,12 +21,14 @@ from distributed import Client
 
 from couponflow import lake
 from couponflow.dask_cluster import dask_client
+from couponflow.interest import INTEREST_COLUMNS, compute_interest_snapshots
 from couponflow.schemas import CATEGORIES, EVENTS, USERS, UTC_TS, TableSchema
 from couponflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
 FEATURES_FILE = "user_features.parquet"
+INTEREST_FILE = "user_interest.parquet"
 
 # Recency of a user without events, and the cap on every recency, so that "no event"
 # sorts as the oldest activity. Events older than this before every as-of time are
@@ -75,6 +77,17 @@ FEATURE_COLUMNS: dict[str, str] = {
     "uses_app": "int64",
 }
 APP_DEVICE = "app"
+# Columns and pandas dtypes of user_interest.parquet, the source of the Feast view
+# user_interest.
+INTEREST_FEATURE_COLUMNS: dict[str, str] = {
+    "user_id": "string",
+    "event_timestamp": UTC_TS,
+    "created_timestamp": UTC_TS,
+    **{column: "float64" for column in INTEREST_COLUMNS},
+}
+# Events that the interest score of an as-of time factorizes: the same span that
+# the behaviour features read for their recency.
+INTEREST_LOOKBACK = timedelta(days=RECENCY_SENTINEL_DAYS)
 
 _EVENT_COLUMNS = (
     "user_id",
@@ -86,6 +99,7 @@ _EVENT_COLUMNS = (
     "session_id",
     "dwell_seconds",
 )
+_INTEREST_EVENT_COLUMNS = ("user_id", "event_ts", "event_type", "item_id", "category")
 _CATEGORY_COUNTS = [f"cat_{category}" for category in CATEGORIES]
 _CATEGORY_VIEWS = [f"views_{category}" for category in CATEGORIES]
 _CATEGORY_LOG_PRICES = [f"log_price_{category}" for category in CATEGORIES]
@@ -181,16 +195,79 @@ def write_user_features(settings: Settings, frame: pd.DataFrame) -> Path:
             f"user features frame is missing columns {missing}; build it with "
             "compute_user_features"
         )
+    target = _write_feature_table(settings, frame[list(FEATURE_COLUMNS)], FEATURES_FILE)
+    log.info("wrote %d user feature rows to %s", len(frame), target)
+    return target
+
+
+def compute_user_interest(
+    settings: Settings, as_of: Sequence[datetime], seed: int = 0
+) -> pd.DataFrame:
+    """Compute the interest scores of every user at each as-of time from the lake.
+
+    Each time's scores come from a factorization of the events strictly before it
+    and within INTEREST_LOOKBACK of it, as
+    :func:`couponflow.interest.compute_interest_snapshots` fits them. Returns the
+    columns of :data:`INTEREST_FEATURE_COLUMNS`, with one row per user who signed up
+    before the time. Raises ``ValueError`` when ``as_of`` is empty or contains a
+    timezone-naive time.
+    """
+    times = _normalize_as_of(as_of)
+    started = time.perf_counter()
+    event_files = _event_files_for(settings, times)
+    user_files = lake.lake_files(settings, USERS.name)
+    log.info(
+        "computing interest for %d as-of times (%s to %s) from %d event files",
+        len(times),
+        times[0].isoformat(),
+        times[-1].isoformat(),
+        len(event_files),
+    )
+    events = _read_all(event_files, EVENTS, list(_INTEREST_EVENT_COLUMNS))
+    users = _read_all(user_files, USERS, ["user_id", "signup_ts"])
+    scores = compute_interest_snapshots(
+        events, users, times, lookback=INTEREST_LOOKBACK, seed=seed
+    )
+    scores.insert(2, "created_timestamp", pd.Timestamp.now(tz="UTC").as_unit("ns"))
+    frame = scores.astype(INTEREST_FEATURE_COLUMNS)[list(INTEREST_FEATURE_COLUMNS)]
+    log.info(
+        "computed %d interest rows for %d as-of times in %.1f s",
+        len(frame),
+        len(times),
+        time.perf_counter() - started,
+    )
+    return frame
+
+
+def write_user_interest(settings: Settings, frame: pd.DataFrame) -> Path:
+    """Replace the feature folder's user_interest.parquet by ``frame``, atomically.
+
+    Raises ``ValueError`` naming the columns of :data:`INTEREST_FEATURE_COLUMNS` that
+    are missing.
+    """
+    columns = list(INTEREST_FEATURE_COLUMNS)
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"user interest frame is missing columns {missing}; build it with "
+            "compute_user_interest"
+        )
+    target = _write_feature_table(settings, frame[columns], INTEREST_FILE)
+    log.info("wrote %d user interest rows to %s", len(frame), target)
+    return target
+
+
+def _write_feature_table(settings: Settings, frame: pd.DataFrame, name: str) -> Path:
+    """Write ``frame`` to a temporary file and rename it over the feature table."""
     assert settings.feature_dir is not None
     settings.feature_dir.mkdir(parents=True, exist_ok=True)
-    target = settings.feature_dir / FEATURES_FILE
+    target = settings.feature_dir / name
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        frame[list(FEATURE_COLUMNS)].to_parquet(temporary, index=False)
+        frame.to_parquet(temporary, index=False)
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
-    log.info("wrote %d user feature rows to %s", len(frame), target)
     return target
 
 
@@ -306,6 +383,15 @@ def _group_files(files: list[Path]) -> list[list[Path]]:
         groups[-1].append(path)
         size += path.stat().st_size
     return groups
+
+
+def _read_all(
+    files: list[Path], schema: TableSchema, columns: list[str]
+) -> pd.DataFrame:
+    """Read ``columns`` of every file into one frame, in the contract's dtypes."""
+    if not files:
+        return _typed(schema.empty_frame(), schema, columns)
+    return _read_files(files, schema, columns)
 
 
 def _read_files(

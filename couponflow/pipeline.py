@@ -97,8 +97,17 @@ def snapshot_times(last_event: pd.Timestamp, snapshot_days: int) -> list[datetim
 
 
 def compute_features(snapshot_days: int) -> dict[str, Any]:
-    """Compute daily feature snapshots with Dask into the Feast offline source."""
-    from couponflow.features import compute_user_features, write_user_features
+    """Compute daily feature and interest snapshots into the Feast offline sources.
+
+    The behaviour features run on Dask; the interest scores fit one matrix
+    factorization per snapshot on the events before it.
+    """
+    from couponflow.features import (
+        compute_user_features,
+        compute_user_interest,
+        write_user_features,
+        write_user_interest,
+    )
 
     settings = get_settings()
     events = lake.lake_files(settings, "events")
@@ -111,6 +120,8 @@ def compute_features(snapshot_days: int) -> dict[str, Any]:
     as_of = snapshot_times(last_event, snapshot_days)
     frame = compute_user_features(settings, as_of)
     path = write_user_features(settings, frame)
+    interest = compute_user_interest(settings, as_of)
+    interest_path = write_user_interest(settings, interest)
     return {
         "rows": len(frame),
         "users": int(frame["user_id"].nunique()),
@@ -118,6 +129,8 @@ def compute_features(snapshot_days: int) -> dict[str, Any]:
         "first_as_of": as_of[0].isoformat(),
         "latest_as_of": as_of[-1].isoformat(),
         "path": str(path),
+        "interest_rows": len(interest),
+        "interest_path": str(interest_path),
     }
 
 

@@ -1,7 +1,9 @@
 """Compute per-user features with Dask, point-in-time correct, into the Feast store.
 
-Daily snapshots go to the Feast offline source; `feast apply` registers the
-definitions and the latest values are materialized into the online store.
+Daily snapshots of the behaviour features and of the collaborative-filtering interest
+scores, each from events strictly before its time, go to the Feast offline sources;
+`feast apply` registers the definitions and the latest values are materialized into
+the online store.
 """
 
 from __future__ import annotations

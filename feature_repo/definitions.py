@@ -1,4 +1,4 @@
-"""Feast definitions: the user entity, two feature views and the model's service.
+"""Feast definitions: the user entity, three feature views and the model's service.
 
 Source paths come from couponflow settings (COUPONFLOW_HOME, COUPONFLOW_FEATURE_DIR).
 """
@@ -11,7 +11,8 @@ from typing import NamedTuple
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.types import Float64, Int64, String
 
-from couponflow.features import FEATURES_FILE
+from couponflow.features import FEATURES_FILE, INTEREST_FILE
+from couponflow.interest import INTEREST_COLUMNS
 from couponflow.schemas import CATEGORIES
 from couponflow.settings import Settings, get_settings
 
@@ -23,6 +24,8 @@ PROFILES_FILE = "user_profiles.parquet"
 USER_FEATURES_TTL = timedelta(days=30)
 # NOTE: 90 days assumes the profile model is retrained at least once a quarter.
 USER_PROFILE_TTL = timedelta(days=90)
+# The interest scores are computed on the same snapshots as the user features.
+USER_INTEREST_TTL = USER_FEATURES_TTL
 
 
 class Definitions(NamedTuple):
@@ -31,8 +34,10 @@ class Definitions(NamedTuple):
     user: Entity
     user_features_source: FileSource
     user_profile_source: FileSource
+    user_interest_source: FileSource
     user_features: FeatureView
     user_profile: FeatureView
+    user_interest: FeatureView
     response_model_v1: FeatureService
 
 
@@ -61,6 +66,13 @@ def build_definitions(settings: Settings) -> Definitions:
         timestamp_field="event_timestamp",
         created_timestamp_column="created_timestamp",
         description="Per-user outputs of the profile model.",
+    )
+    user_interest_source = FileSource(
+        name="user_interest_source",
+        path=str(feature_dir / INTEREST_FILE),
+        timestamp_field="event_timestamp",
+        created_timestamp_column="created_timestamp",
+        description="Interest snapshots from couponflow.features.",
     )
 
     user_features = FeatureView(
@@ -118,18 +130,35 @@ def build_definitions(settings: Settings) -> Definitions:
         source=user_profile_source,
         description="Purchasing power, segment and interests from the profile model.",
     )
+    user_interest = FeatureView(
+        name="user_interest",
+        entities=[user],
+        ttl=USER_INTEREST_TTL,
+        schema=[
+            Field(name="user_id", dtype=String),
+            *[Field(name=column, dtype=Float64) for column in INTEREST_COLUMNS],
+        ],
+        online=True,
+        source=user_interest_source,
+        description=(
+            "Point-in-time interest in each category, in [0, 1], from matrix "
+            "factorization of events. Users without events get the population mean."
+        ),
+    )
 
     response_model_v1 = FeatureService(
         name="response_model_v1",
-        features=[user_features, user_profile],
+        features=[user_features, user_profile, user_interest],
         description="Inputs of the coupon response model.",
     )
     return Definitions(
         user=user,
         user_features_source=user_features_source,
         user_profile_source=user_profile_source,
+        user_interest_source=user_interest_source,
         user_features=user_features,
         user_profile=user_profile,
+        user_interest=user_interest,
         response_model_v1=response_model_v1,
     )
 
@@ -141,6 +170,8 @@ _definitions = build_definitions(get_settings())
 user = _definitions.user
 user_features_source = _definitions.user_features_source
 user_profile_source = _definitions.user_profile_source
+user_interest_source = _definitions.user_interest_source
 user_features = _definitions.user_features
 user_profile = _definitions.user_profile
+user_interest = _definitions.user_interest
 response_model_v1 = _definitions.response_model_v1

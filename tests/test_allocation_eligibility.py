@@ -89,9 +89,14 @@ class TestBuildEligibility:
         users = _users(3, events_30d=[0, 1, 4])
 
         default = build_eligibility(users, _offers(), _send_at(3))
+        active = build_eligibility(
+            users, _offers(), _send_at(3), EligibilityRules(min_events_30d=1)
+        )
         strict = build_eligibility(users, _offers(min_events_30d=[3]), _send_at(3))
 
-        assert default[:, 0, 0].tolist() == [False, True, True]
+        # By default a user without recent events may get an offer.
+        assert default[:, 0, 0].tolist() == [True, True, True]
+        assert active[:, 0, 0].tolist() == [False, True, True]
         assert strict[:, 0, 0].tolist() == [False, False, True]
 
     def test_frequency_cap_global_and_per_user(self) -> None:
@@ -155,6 +160,106 @@ class TestBuildEligibility:
     def test_rejects_invalid_input(self, users, offers, send_at, message) -> None:
         with pytest.raises(ValueError, match=message):
             build_eligibility(users, offers, send_at)
+
+
+def _newcomers(n_users: int = 1, **columns) -> pd.DataFrame:
+    """Users without history: no events in 30 days and no category affinity."""
+    users = _users(n_users, events_30d=[0] * n_users, affinity_fashion=[0.0] * n_users)
+    for name, values in columns.items():
+        users[name] = values
+    return users
+
+
+class TestInterestFallback:
+    def test_newcomer_matches_on_interest(self) -> None:
+        users = _newcomers(3, interest_fashion=[0.4, 0.02, np.nan])
+
+        mask = build_eligibility(users, _offers(category=["fashion"]), _send_at(3))
+
+        # High interest matches, low interest and a missing score do not.
+        assert mask[:, 0, 0].tolist() == [True, False, False]
+
+    def test_min_interest_sets_threshold(self) -> None:
+        users = _newcomers(2, interest_fashion=[0.4, 0.2])
+        rules = EligibilityRules(min_interest=0.3)
+
+        mask = build_eligibility(
+            users, _offers(category=["fashion"]), _send_at(2), rules
+        )
+
+        assert mask[:, 0, 0].tolist() == [True, False]
+
+    def test_user_with_history_keeps_affinity(self) -> None:
+        users = _users(
+            4,
+            events_30d=[10, 10, 0, 0],
+            affinity_fashion=[0.5, 0.01, 0.3, 0.0],
+            affinity_home=[0.5, 0.99, 0.7, 1.0],
+            interest_fashion=[0.0, 0.9, 0.0, 0.9],
+        )
+
+        mask = build_eligibility(users, _offers(category=["fashion"]), _send_at(4))
+
+        # Recent events, or an affinity from older events, mean history: the
+        # affinity decides, whatever the interest.
+        assert mask[:, 0, 0].tolist() == [True, False, True, False]
+
+    def test_without_interest_columns_nothing_changes(self) -> None:
+        users = _newcomers(2, interest_home=[0.9, 0.9])
+
+        mask = build_eligibility(users, _offers(category=["fashion"]), _send_at(2))
+
+        # interest_home does not apply to a fashion offer.
+        assert not mask.any()
+
+    def test_all_category_offer_ignores_interest(self) -> None:
+        users = _newcomers(2, interest_fashion=[0.9, 0.0])
+
+        mask = build_eligibility(users, _offers(), _send_at(2))
+
+        assert mask.all()
+
+    def test_newcomer_passes_every_other_rule(self) -> None:
+        users = _newcomers(7, interest_fashion=[0.5] * 7)
+        users["exposures_in_window"] = [0, 3, 0, 0, 0, 0, 0]
+        users["days_since_last_exposure"] = [np.inf, np.inf, 0.5, np.inf, 3.0, 2.0, 2.0]
+        users["days_since_signup"] = [100.0, 100.0, 100.0, 100.0, 100.0, 5.0, 45.0]
+        users["reachable_sms"] = [True, True, True, False, True, True, True]
+        fashion = _offers(category=["fashion"])
+
+        plain = build_eligibility(users, fashion, _send_at(7))
+        new_only = build_eligibility(
+            users, _offers(category=["fashion"], new_users_only=[True]), _send_at(7)
+        )
+        active_only = build_eligibility(
+            users, _offers(category=["fashion"], min_events_30d=[1]), _send_at(7)
+        )
+        not_started = build_eligibility(
+            users,
+            _offers(
+                category=["fashion"],
+                starts_at=[pd.Timestamp(NOW + timedelta(hours=2))],
+            ),
+            _send_at(7),
+        )
+
+        # Frequency cap (user 1) and cool-down (user 2) bar the newcomer.
+        assert plain[:, 0, 0].tolist() == [True, False, False, True, True, True, True]
+        # Unreachable on sms (user 3).
+        assert plain[3, 0].tolist() == [True, True, False]
+        # New-users-only: signed up 5 days ago (user 5), not 45 or 100.
+        assert new_only[:, 0, 0].tolist() == [
+            False,
+            False,
+            False,
+            False,
+            False,
+            True,
+            False,
+        ]
+        # An offer that requires recent events, or is not valid yet, bars everyone.
+        assert not active_only.any()
+        assert not not_started.any()
 
 
 class TestExposureHistory:

@@ -129,6 +129,33 @@ def test_allocation_sends_on_listed_channels_at_user_hours(
     assert offered["send_at"].dt.hour.nunique() > 3
 
 
+def test_policy_comparison_judges_the_stored_plan(
+    loop: dict[str, object], settings: Settings
+) -> None:
+    from couponflow.allocation import read_current_allocation
+    from couponflow.demo import compare_policies
+    from couponflow.store import get_engine
+
+    budget = loop["budget"]
+    assert isinstance(budget, int)
+    results = {
+        r.policy: r for r in compare_policies(settings, CAMPAIGN, budget, LOOP_SEED)
+    }
+    assert set(results) == {
+        "couponflow",
+        "couponflow, fixed send",
+        "random targeting",
+        "likeliest buyers",
+        "oracle",
+    }
+    plan = read_current_allocation(get_engine(settings.campaign_db_url), CAMPAIGN)
+    offered = int((plan["policy_arm"] != "control").sum())
+    assert results["couponflow"].offers_granted == offered
+    # The oracle spends within the budget on the true costs, and earns with them.
+    assert results["oracle"].true_cost_cents <= budget
+    assert results["oracle"].true_profit_cents > 0
+
+
 def test_report_and_summary_written(
     loop: dict[str, object], settings: Settings
 ) -> None:

@@ -20,9 +20,13 @@ from feast.value_type import ValueType
 from couponflow import feature_store, lake
 from couponflow.features import (
     FEATURE_COLUMNS,
+    INTEREST_LOOKBACK,
     compute_user_features,
+    compute_user_interest,
     write_user_features,
+    write_user_interest,
 )
+from couponflow.interest import INTEREST_COLUMNS, compute_interest
 from couponflow.schemas import CATEGORIES, EVENT_TYPES, EVENTS, USERS, coerce
 from couponflow.settings import Settings
 
@@ -35,12 +39,18 @@ FEATURE_NAMES = [
     if name not in ("user_id", "event_timestamp", "created_timestamp")
 ]
 PROFILE_NAMES = ["purchasing_power", "segment", "interest_tags"]
+INTEREST_NAMES = list(INTEREST_COLUMNS)
+VIEW_NAMES = ["user_features", "user_interest", "user_profile"]
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def synthetic_lake(settings: Settings) -> None:
-    """Write users 0-5 (5 without events) and random events over 30 days."""
+    """Write users 0-5 (5 without events) and random events over 30 days.
+
+    Each category has ten items, so that the interest factorization has items of
+    every category to score.
+    """
     rng = np.random.default_rng(3)
     user_ids = [str(number) for number in range(6)]
     users = pd.DataFrame(
@@ -54,14 +64,17 @@ def synthetic_lake(settings: Settings) -> None:
     count = 600
     owners = rng.choice(user_ids[:5], count)
     offsets = rng.integers(0, 30 * 86_400, count)
+    categories = rng.choice(CATEGORIES, count)
+    numbers = rng.integers(0, 10, count)
+    items = [f"{c}-{n}" for c, n in zip(categories, numbers, strict=True)]
     events = pd.DataFrame(
         {
             "event_id": [f"e-{number}" for number in range(count)],
             "user_id": owners,
             "event_ts": pd.Timestamp(START) + pd.to_timedelta(offsets, unit="s"),
             "event_type": rng.choice(EVENT_TYPES, count),
-            "item_id": "item",
-            "category": rng.choice(CATEGORIES, count),
+            "item_id": items,
+            "category": categories,
             "price_cents": rng.integers(100, 5_000, count),
             "quantity": 1,
             "session_id": [
@@ -76,16 +89,29 @@ def synthetic_lake(settings: Settings) -> None:
 
 
 @pytest.fixture(scope="module")
-def features(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+def lake_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     settings = Settings(home=tmp_path_factory.mktemp("lake"), dask_workers=1)
     synthetic_lake(settings)
-    return compute_user_features(settings, AS_OF)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def features(lake_settings: Settings) -> pd.DataFrame:
+    return compute_user_features(lake_settings, AS_OF)
+
+
+@pytest.fixture(scope="module")
+def interest(lake_settings: Settings) -> pd.DataFrame:
+    return compute_user_interest(lake_settings, AS_OF)
 
 
 @pytest.fixture
-def settings(tmp_path: Path, features: pd.DataFrame) -> Settings:
+def settings(
+    tmp_path: Path, features: pd.DataFrame, interest: pd.DataFrame
+) -> Settings:
     configured = Settings(home=tmp_path)
     write_user_features(configured, features)
+    write_user_interest(configured, interest)
     return configured
 
 
@@ -134,14 +160,17 @@ def test_definitions_are_registered(settings: Settings) -> None:
     assert user.join_key == "user_id"
     assert user.value_type == ValueType.STRING
     views = {view.name: view for view in store.list_feature_views()}
-    assert sorted(views) == ["user_features", "user_profile"]
+    assert sorted(views) == VIEW_NAMES
     assert views["user_features"].ttl == timedelta(days=30)
+    assert views["user_interest"].ttl == timedelta(days=30)
     assert [f.name for f in views["user_features"].features] == FEATURE_NAMES
     assert [f.name for f in views["user_profile"].features] == PROFILE_NAMES
+    assert [f.name for f in views["user_interest"].features] == INTEREST_NAMES
     service = store.get_feature_service("response_model_v1")
     assert [p.name for p in service.feature_view_projections] == [
         "user_features",
         "user_profile",
+        "user_interest",
     ]
 
 
@@ -220,7 +249,7 @@ def test_apply_deletes_stale_views(settings: Settings) -> None:
     feature_store.apply_definitions(settings)
 
     names = [view.name for view in store.list_feature_views(allow_cache=False)]
-    assert sorted(names) == ["user_features", "user_profile"]
+    assert sorted(names) == VIEW_NAMES
 
 
 def test_user_zero_round_trips_online(
@@ -242,7 +271,12 @@ def test_online_unknown_user_is_null(settings: Settings) -> None:
     online = feature_store.online_features(settings, ["0", "nobody", "1"])
 
     assert online["user_id"].tolist() == ["0", "nobody", "1"]
-    assert list(online.columns) == ["user_id", *FEATURE_NAMES, *PROFILE_NAMES]
+    assert list(online.columns) == [
+        "user_id",
+        *FEATURE_NAMES,
+        *PROFILE_NAMES,
+        *INTEREST_NAMES,
+    ]
     assert online.loc[1, FEATURE_NAMES].isna().all()
     assert online.loc[[0, 2], "events_30d"].notna().all()
     assert str(online["spend_30d_cents"].dtype) == "Int64"
@@ -254,7 +288,12 @@ def test_online_without_users_is_empty(settings: Settings) -> None:
     online = feature_store.online_features(settings, [])
 
     assert online.empty
-    assert list(online.columns) == ["user_id", *FEATURE_NAMES, *PROFILE_NAMES]
+    assert list(online.columns) == [
+        "user_id",
+        *FEATURE_NAMES,
+        *PROFILE_NAMES,
+        *INTEREST_NAMES,
+    ]
 
 
 def test_training_frame_keeps_every_entity_row(
@@ -307,6 +346,110 @@ def test_training_frame_rejects_bad_entity_df(settings: Settings) -> None:
         feature_store.training_frame(settings, naive[["user_id"]])
     with pytest.raises(ValueError, match="segment"):
         feature_store.training_frame(settings, clash)
+
+
+def interest_row(interest: pd.DataFrame, user_id: str, as_of: datetime) -> pd.Series:
+    rows = interest[
+        (interest["user_id"] == user_id)
+        & (interest["event_timestamp"] == pd.Timestamp(as_of))
+    ]
+    assert len(rows) == 1
+    return rows.iloc[0][INTEREST_NAMES].astype("float64")
+
+
+def test_training_frame_joins_interest_point_in_time(
+    settings: Settings, interest: pd.DataFrame, lake_settings: Settings
+) -> None:
+    feature_store.apply_definitions(settings)
+    entity_df = pd.DataFrame(
+        {
+            "user_id": ["0", "0", "1", "5", "0"],
+            "event_timestamp": [
+                AS_OF[0],
+                AS_OF[2],
+                AS_OF[1] + timedelta(hours=5),
+                AS_OF[2],
+                AS_OF[0] - timedelta(hours=1),
+            ],
+        }
+    )
+
+    frame = feature_store.training_frame(settings, entity_df)
+
+    for name in INTEREST_NAMES:
+        assert str(frame[name].dtype) == "float64", name
+    np.testing.assert_allclose(
+        frame.loc[0, INTEREST_NAMES].astype("float64"),
+        interest_row(interest, "0", AS_OF[0]),
+    )
+    np.testing.assert_allclose(
+        frame.loc[1, INTEREST_NAMES].astype("float64"),
+        interest_row(interest, "0", AS_OF[2]),
+    )
+    # Between two snapshots: the earlier one.
+    np.testing.assert_allclose(
+        frame.loc[2, INTEREST_NAMES].astype("float64"),
+        interest_row(interest, "1", AS_OF[1]),
+    )
+    # User 5 has no events, so it gets the mean of the users with events.
+    latest = interest[interest["event_timestamp"] == pd.Timestamp(AS_OF[2])]
+    with_events = latest[latest["user_id"] != "5"][INTEREST_NAMES].mean()
+    np.testing.assert_allclose(
+        frame.loc[3, INTEREST_NAMES].astype("float64"), with_events
+    )
+    # Before the first snapshot: null.
+    assert frame.loc[4, INTEREST_NAMES].isna().all()
+
+    # The first snapshot is a fit on the events before it only: the same as a fit
+    # of the lake's events at that time, and different from the last snapshot.
+    events = lake.read_lake_table(lake_settings, "events")
+    users = lake.read_lake_table(lake_settings, "users")
+    first = compute_interest(events, users, AS_OF[0], lookback=INTEREST_LOOKBACK)
+    expected = first.set_index("user_id").loc["0", INTEREST_NAMES]
+    np.testing.assert_allclose(
+        frame.loc[0, INTEREST_NAMES].astype("float64"), expected.astype("float64")
+    )
+    first_values = frame.loc[0, INTEREST_NAMES].to_numpy(dtype="float64")
+    last_values = frame.loc[1, INTEREST_NAMES].to_numpy(dtype="float64")
+    assert not np.allclose(first_values, last_values)
+
+
+def test_interest_materialized_online(
+    settings: Settings, interest: pd.DataFrame
+) -> None:
+    feature_store.apply_definitions(settings)
+    feature_store.materialize(settings, AS_OF[-1])
+
+    online = feature_store.online_features(settings, ["0", "5", "nobody"])
+
+    np.testing.assert_allclose(
+        online.loc[0, INTEREST_NAMES].astype("float64"),
+        interest_row(interest, "0", AS_OF[-1]),
+    )
+    np.testing.assert_allclose(
+        online.loc[1, INTEREST_NAMES].astype("float64"),
+        interest_row(interest, "5", AS_OF[-1]),
+    )
+    assert online.loc[2, INTEREST_NAMES].isna().all()
+
+
+def test_missing_interest_file_is_created_empty(
+    tmp_path: Path, features: pd.DataFrame
+) -> None:
+    settings = Settings(home=tmp_path)
+    write_user_features(settings, features)
+    assert settings.feature_dir is not None
+    path = settings.feature_dir / "user_interest.parquet"
+    assert not path.exists()
+
+    feature_store.apply_definitions(settings)
+    feature_store.materialize(settings, AS_OF[-1])
+    entity_df = pd.DataFrame({"user_id": ["0"], "event_timestamp": [AS_OF[-1]]})
+    frame = feature_store.training_frame(settings, entity_df)
+
+    assert pd.read_parquet(path).empty
+    assert frame.loc[0, INTEREST_NAMES].isna().all()
+    assert frame.loc[0, "events_30d"] > 0
 
 
 def test_missing_profile_file_is_created_empty(settings: Settings) -> None:
@@ -443,5 +586,5 @@ def test_postgres_registry(tmp_path: Path, features: pd.DataFrame) -> None:
         store.registry.delete_project(project, commit=True)
 
     assert store.config.registry.path == POSTGRES_URL
-    assert sorted(view.name for view in views) == ["user_features", "user_profile"]
+    assert sorted(view.name for view in views) == VIEW_NAMES
     assert_features_equal(frame.iloc[0], snapshot(features, "0", AS_OF[1]))

@@ -16,10 +16,16 @@ from couponflow.dask_cluster import dask_client
 from couponflow.features import (
     FEATURE_COLUMNS,
     FEATURES_FILE,
+    INTEREST_FEATURE_COLUMNS,
+    INTEREST_FILE,
+    INTEREST_LOOKBACK,
     RECENCY_SENTINEL_DAYS,
     compute_user_features,
+    compute_user_interest,
     write_user_features,
+    write_user_interest,
 )
+from couponflow.interest import INTEREST_COLUMNS, compute_interest_snapshots
 from couponflow.schemas import CATEGORIES, EVENT_TYPES, EVENTS, USERS, coerce
 from couponflow.settings import Settings
 
@@ -537,3 +543,88 @@ def test_write_rejects_missing_columns(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing columns"):
         write_user_features(Settings(home=tmp_path), frame)
     assert not (tmp_path / "features" / FEATURES_FILE).exists()
+
+
+def test_interest_snapshots_from_lake(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    user_ids = [str(number) for number in range(30)]
+    signups = [START - DAY] * 29 + [START + 15 * DAY]
+    users = make_users(user_ids, signups)
+    events = random_events(user_ids[:28], days=20, per_user_day=2.0, seed=4)
+    write_lake(settings, users, events)
+    as_of = [START + 10 * DAY, START + 20 * DAY]
+
+    frame = compute_user_interest(settings, as_of)
+
+    assert list(frame.columns) == list(INTEREST_FEATURE_COLUMNS)
+    for column, dtype in INTEREST_FEATURE_COLUMNS.items():
+        assert str(frame[column].dtype) == dtype, column
+    assert frame["created_timestamp"].notna().all()
+    counts = frame.groupby("event_timestamp")["user_id"].count()
+    # The last user signed up between the two times.
+    assert counts.tolist() == [29, 30]
+    expected = compute_interest_snapshots(
+        events, users, as_of, lookback=INTEREST_LOOKBACK
+    )
+    pd.testing.assert_frame_equal(
+        frame.drop(columns="created_timestamp"),
+        expected.astype({"user_id": "string"}),
+    )
+
+
+def test_interest_ignores_events_past_lookback(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    # At noon, so that the lapsed user's event lies in a day partition that is read
+    # but before the lookback.
+    as_of = START + 10 * DAY + timedelta(hours=12)
+    long_ago = as_of - INTEREST_LOOKBACK - timedelta(hours=6)
+    user_ids = [str(number) for number in range(20)]
+    users = make_users([*user_ids, "lapsed", "recent", "quiet"], [long_ago - DAY] * 23)
+    events = pd.concat(
+        [
+            random_events(user_ids, days=10, per_user_day=2.0, seed=5),
+            make_events(
+                [
+                    {"user_id": "lapsed", "event_ts": long_ago, "category": "home"},
+                    {"user_id": "recent", "event_ts": START, "category": "home"},
+                ]
+            ),
+        ],
+        ignore_index=True,
+    )
+    write_lake(settings, users, events)
+
+    frame = compute_user_interest(settings, [as_of]).set_index("user_id")
+
+    scores = frame[list(INTEREST_COLUMNS)]
+    # The lapsed user's only event is older than the lookback: the population mean,
+    # as for a user without events.
+    np.testing.assert_allclose(scores.loc["lapsed"], scores.loc["quiet"])
+    assert not np.allclose(scores.loc["recent"], scores.loc["quiet"])
+
+
+def test_write_interest_replaces_file(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    write_lake(
+        settings,
+        make_users(["0", "1"], [START, START]),
+        make_events([{"user_id": "0", "event_ts": START + DAY}]),
+    )
+    first = compute_user_interest(settings, [START + 2 * DAY])
+    second = compute_user_interest(settings, [START + 2 * DAY, START + 3 * DAY])
+
+    path = write_user_interest(settings, first)
+    assert path == tmp_path / "features" / INTEREST_FILE
+    write_user_interest(settings, second)
+
+    stored = pd.read_parquet(path)
+    assert len(stored) == len(second) == 4
+    assert sorted(p.name for p in path.parent.iterdir()) == [INTEREST_FILE]
+
+
+def test_write_interest_rejects_missing_columns(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"user_id": ["0"]})
+
+    with pytest.raises(ValueError, match="missing columns"):
+        write_user_interest(Settings(home=tmp_path), frame)
+    assert not (tmp_path / "features" / INTEREST_FILE).exists()

@@ -7,12 +7,17 @@ structure to find. A few hand-made users then probe the edge cases.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from couponflow.interest import INTEREST_COLUMNS, compute_interest
+from couponflow.interest import (
+    INTEREST_COLUMNS,
+    compute_interest,
+    compute_interest_snapshots,
+)
 from couponflow.schemas import CATEGORIES, EVENTS, coerce
 
 # user_id, event_type, item_id, category, event_ts
@@ -219,6 +224,91 @@ def test_no_events_gives_zero_scores() -> None:
     assert (interest[list(INTEREST_COLUMNS)] == 0.0).all().all()
 
 
+def test_snapshots_are_point_in_time(
+    base_rows: list[EventRow],
+) -> None:
+    # Half of each shopper's events come at or after the early time.
+    early = AS_OF - pd.Timedelta(days=10, hours=4)
+    times = [AS_OF, early]
+    users = make_users([*shopper_ids(), "newcomer"])
+    events = make_events(base_rows)
+
+    snapshots = compute_interest_snapshots(events, users, times, seed=2)
+
+    assert list(snapshots.columns) == ["user_id", "event_timestamp", *INTEREST_COLUMNS]
+    assert str(snapshots["event_timestamp"].dtype) == "datetime64[ns, UTC]"
+    assert snapshots["event_timestamp"].is_monotonic_increasing
+    early_rows = snapshots[snapshots["event_timestamp"] == early]
+    late_rows = snapshots[snapshots["event_timestamp"] == AS_OF]
+    assert len(early_rows) == SHOPPERS + 1
+    assert len(late_rows) == SHOPPERS + 1
+    # The earliest snapshot is the fit that compute_interest makes at its time.
+    pd.testing.assert_frame_equal(
+        early_rows.drop(columns="event_timestamp").reset_index(drop=True),
+        compute_interest(events, users, early, seed=2),
+    )
+    assert not np.allclose(
+        early_rows[list(INTEREST_COLUMNS)].to_numpy(),
+        late_rows[list(INTEREST_COLUMNS)].to_numpy(),
+    )
+
+    # Events at or after the last time change no snapshot.
+    future: list[EventRow] = [
+        ("newcomer", "purchase", item("home", 1), "home", AS_OF),
+        ("shopper-00", "view", item("beauty", 2), "beauty", AS_OF + pd.Timedelta(1)),
+    ]
+    with_future = make_events([*base_rows, *future])
+    again = compute_interest_snapshots(with_future, users, times, seed=2)
+    pd.testing.assert_frame_equal(snapshots, again)
+
+
+def test_warm_snapshot_starts_from_earlier_fit(
+    base_rows: list[EventRow],
+) -> None:
+    early = AS_OF - pd.Timedelta(days=10, hours=4)
+    users = make_users(shopper_ids())
+    events = make_events(base_rows)
+    columns = list(INTEREST_COLUMNS)
+
+    snapshots = compute_interest_snapshots(
+        events, users, [early, AS_OF], warm_iterations=1, seed=2
+    )
+    converged = compute_interest(events, users, AS_OF, seed=2)[columns].to_numpy()
+    one_sweep = compute_interest(events, users, AS_OF, iterations=1, seed=2)
+
+    warm = snapshots[snapshots["event_timestamp"] == AS_OF][columns].to_numpy()
+    warm_error = np.abs(warm - converged).mean()
+    cold_error = np.abs(one_sweep[columns].to_numpy() - converged).mean()
+    # One sweep from the earlier snapshot's item factors gets closer to the
+    # converged fit than one sweep from random factors.
+    assert warm_error < 0.8 * cold_error
+    top_match = np.mean(warm.argmax(axis=1) == converged.argmax(axis=1))
+    assert top_match >= 0.9
+
+
+def test_lookback_drops_older_events(
+    base_rows: list[EventRow],
+) -> None:
+    old = AS_OF - pd.Timedelta(days=40)
+    lapsed = [("lapsed", "purchase", item("home", n), "home", old) for n in (1, 2)]
+    users = make_users([*shopper_ids(), "lapsed", "newcomer"])
+    events = make_events([*base_rows, *lapsed])
+
+    windowed = compute_interest(events, users, AS_OF, lookback=timedelta(days=30))
+    unbounded = compute_interest(events, users, AS_OF)
+
+    by_user = windowed.set_index("user_id")
+    # Outside the 30 days, the purchases of "lapsed" no longer count.
+    np.testing.assert_allclose(
+        by_user.loc["lapsed"].to_numpy(), by_user.loc["newcomer"].to_numpy()
+    )
+    everything = unbounded.set_index("user_id")
+    assert everything.loc["lapsed"].idxmax() == "interest_home"
+    assert not np.allclose(
+        everything.loc["lapsed"].to_numpy(), everything.loc["newcomer"].to_numpy()
+    )
+
+
 def test_invalid_input_is_rejected(
     base_rows: list[EventRow],
 ) -> None:
@@ -232,3 +322,9 @@ def test_invalid_input_is_rejected(
         compute_interest(events, users.drop(columns="signup_ts"), AS_OF)
     with pytest.raises(ValueError, match="regularization must be > 0"):
         compute_interest(events, users, AS_OF, regularization=0.0)
+    with pytest.raises(ValueError, match="lookback must be positive"):
+        compute_interest(events, users, AS_OF, lookback=timedelta(0))
+    with pytest.raises(ValueError, match="as_of is empty"):
+        compute_interest_snapshots(events, users, [])
+    with pytest.raises(ValueError, match="warm_iterations must be >= 1"):
+        compute_interest_snapshots(events, users, [AS_OF], warm_iterations=0)
