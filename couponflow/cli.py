@@ -115,10 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for table in pipeline.INGEST_ORDER:
                 print(json.dumps(pipeline.ingest_table(table), default=str))
         elif args.command == "run-dag":
-            from couponflow.dagrun import run_dag, task_states
+            from couponflow.dagrun import run_dag, task_results
 
             dag_run = run_dag(settings, args.dag_id, json.loads(args.conf))
-            print(json.dumps(task_states(dag_run), indent=2))
+            print(json.dumps(task_results(dag_run), indent=2, default=str))
         elif args.command == "demo":
             from couponflow.demo import run_demo
 

@@ -45,8 +45,9 @@ def campaign_id_or_default(campaign_id: str, run_id: str | None) -> str:
     """Return ``campaign_id``, or one derived from the Airflow run id if empty."""
     if campaign_id:
         return campaign_id
-    stamp = re.sub(r"[^0-9]", "", run_id or "")[:12] or datetime.now(UTC).strftime(
-        "%Y%m%d%H%M"
+    # Down to the second, so that two runs in one minute get two campaigns.
+    stamp = re.sub(r"[^0-9]", "", run_id or "")[:14] or datetime.now(UTC).strftime(
+        "%Y%m%d%H%M%S"
     )
     return f"cmp-{stamp}"
 
@@ -259,10 +260,105 @@ def train_response(seed: int) -> dict[str, Any]:
 # --- allocate_campaign ----------------------------------------------------------
 
 
+# Largest budget the campaign store keeps exactly (ten trillion currency units).
+MAX_BUDGET_CENTS = 10**15
+# Scored files wait here until their allocation is stored, so that a failed run
+# leaves the current version's files in the campaign folder untouched.
+PENDING = "pending"
+SCORE_FILES = ("scores.npz", "users.parquet", "offers.parquet")
+
+
+def check_request(params: dict[str, Any], run_id: str | None) -> dict[str, Any]:
+    """Validate allocate_campaign's Params before any work; return them normalized.
+
+    Raises ``ValueError`` naming the bad value: fractions whose sum is not below 1,
+    an unknown channel, a negative or too large amount, a send time without a time
+    zone, or a campaign that already has grants (a new version would move users who
+    hold a coupon to another arm or into the holdout).
+    """
+    from couponflow.allocation import ChannelRules
+    from couponflow.allocation.policy import validate_fractions
+    from couponflow.store import grants
+
+    campaign_id = campaign_id_or_default(str(params.get("campaign_id") or ""), run_id)
+    settings = get_settings()
+    campaign_dir(settings, campaign_id)
+    budget = params.get("budget_cents")
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise ValueError(
+            f"budget_cents must be a whole number of cents, got {budget!r}"
+        )
+    if not 0 <= budget <= MAX_BUDGET_CENTS:
+        raise ValueError(
+            f"budget_cents must be between 0 and {MAX_BUDGET_CENTS}, got {budget}"
+        )
+    holdout = float(params.get("holdout_fraction", 0.0))
+    explore = float(params.get("explore_fraction", 0.0))
+    validate_fractions(holdout, explore)
+    defaults = ChannelRules()
+    rules = ChannelRules(
+        message_cost_cents={
+            **defaults.message_cost_cents,
+            **dict(params.get("message_cost_cents") or {}),
+        },
+        capacity=dict(params.get("channel_capacity") or {}),
+    )
+    send_after = _send_after(str(params.get("send_after") or ""))
+    with get_engine(settings.campaign_db_url).connect() as connection:
+        import sqlalchemy as sa
+
+        granted = connection.execute(
+            sa.select(sa.func.count())
+            .select_from(grants)
+            .where(grants.c.campaign_id == campaign_id)
+        ).scalar_one()
+    if granted:
+        raise ValueError(
+            f"campaign {campaign_id!r} already has {granted} grants; a new allocation "
+            "version would move users who hold a coupon to another arm or into the "
+            "holdout, so allocate a new campaign_id instead"
+        )
+    return {
+        "campaign_id": campaign_id,
+        "budget_cents": budget,
+        "offers": [str(o) for o in params.get("offers") or []],
+        "holdout_fraction": holdout,
+        "explore_fraction": explore,
+        "message_cost_cents": dict(rules.message_cost_cents),
+        "channel_capacity": dict(rules.capacity),
+        "send_after": send_after.isoformat() if send_after is not None else None,
+        "seed": int(params.get("seed", 0)),
+    }
+
+
+def _send_after(text: str) -> pd.Timestamp | None:
+    if not text:
+        return None
+    try:
+        stamp = pd.Timestamp(text)
+    except ValueError as error:
+        raise ValueError(
+            f"send_after must be an ISO 8601 time, got {text!r}"
+        ) from error
+    if stamp.tzinfo is None:
+        raise ValueError(
+            f"send_after must name its time zone, got {text!r}; for example "
+            "2026-12-05T09:00:00+00:00"
+        )
+    return stamp.tz_convert("UTC")
+
+
 def active_offers(
     coupons: pd.DataFrame, offers: list[str], at: pd.Timestamp
-) -> pd.DataFrame:
-    """Return the requested coupons that are valid at ``at``, in catalogue order."""
+) -> tuple[pd.DataFrame, list[str]]:
+    """Return the coupons valid at ``at``, in catalogue order, and the ids skipped.
+
+    With ``offers`` given, every requested coupon must exist and be valid at ``at``;
+    otherwise ``ValueError`` names each one that is not, with its validity window.
+    With no ``offers``, coupons not valid at ``at`` are skipped and their ids
+    returned.
+    """
+    coupons = coupons.drop_duplicates("coupon_id", keep="last")
     if offers:
         unknown = sorted(set(offers) - set(coupons["coupon_id"]))
         if unknown:
@@ -271,55 +367,99 @@ def active_offers(
                 f"{sorted(coupons['coupon_id'])}"
             )
         coupons = coupons[coupons["coupon_id"].isin(offers)]
-    valid = coupons[(coupons["starts_at"] <= at) & (coupons["ends_at"] > at)]
+    is_valid = (coupons["starts_at"] <= at) & (coupons["ends_at"] > at)
+    invalid = coupons[~is_valid]
+    if offers and not invalid.empty:
+        windows = ", ".join(
+            f"{coupon} ({pd.Timestamp(start).isoformat()} to "
+            f"{pd.Timestamp(end).isoformat()})"
+            for coupon, start, end in zip(
+                invalid["coupon_id"],
+                invalid["starts_at"],
+                invalid["ends_at"],
+                strict=True,
+            )
+        )
+        raise ValueError(
+            f"requested offers not valid at the send time {at.isoformat()}: {windows}"
+        )
+    valid = coupons[is_valid]
     if valid.empty:
-        raise ValueError(f"no requested coupon is valid at {at.isoformat()}")
-    return valid.drop_duplicates("coupon_id", keep="last").reset_index(drop=True)
+        raise ValueError(
+            f"no coupon of the catalogue is valid at the send time {at.isoformat()}"
+        )
+    return valid.reset_index(drop=True), sorted(invalid["coupon_id"].astype(str))
 
 
-def score_campaign(campaign_id: str, offers: list[str]) -> dict[str, Any]:
+def score_campaign(request: dict[str, Any]) -> dict[str, Any]:
     """Score every user x offer x channel with the champion model; save the scores.
 
-    The campaign folder gets ``scores.npz`` (probabilities, expected profit, cost
-    and uplift per user, offer and channel), the users' feature rows, which
-    eligibility and send hours read, and the offers.
+    ``request`` comes from :func:`check_request`. The campaign folder's pending
+    folder gets ``scores.npz`` (probabilities, expected profit, cost and uplift per
+    user, offer and channel), the users' feature rows, which eligibility and send
+    hours read, and the offers. The send time is ``send_after``, or the time of the
+    latest feature snapshot when it is empty.
     """
     from couponflow.allocation import score_channels
     from couponflow.feature_store import training_frame
     from training.registry import load_champion
 
     settings = get_settings()
+    campaign_id = request["campaign_id"]
     folder = campaign_dir(settings, campaign_id)
     model = load_champion(settings)
     latest = _latest_features(settings)
     as_of = latest["event_timestamp"].max()
+    send_after = pd.Timestamp(request["send_after"] or as_of)
+    if send_after < as_of:
+        raise ValueError(
+            f"send_after {send_after.isoformat()} is before the latest feature "
+            f"snapshot, {as_of.isoformat()}; send at or after it"
+        )
+    age = pd.Timestamp.now(tz="UTC") - send_after
+    if age > pd.Timedelta(days=1):
+        log.warning(
+            "the campaign's send time %s is %s before now: the features end then. "
+            "Run build_features on newer events, or set send_after",
+            send_after.isoformat(),
+            age.floor("h"),
+        )
     entity = latest[["user_id", "event_timestamp"]]
     users = training_frame(settings, entity)
-    coupons = active_offers(lake.read_lake_table(settings, "coupons"), offers, as_of)
+    offers = request["offers"]
+    coupons, skipped = active_offers(
+        lake.read_lake_table(settings, "coupons"), offers, send_after
+    )
+    if skipped:
+        log.info("skipping coupons not valid at %s: %s", send_after, skipped)
     dropped: list[str] = []
     if not offers:
         coupons, dropped = drop_losing_offers(settings, coupons)
 
     scores = score_channels(model, users, coupons, settings.margin_rate, CHANNELS)
-    folder.mkdir(parents=True, exist_ok=True)
+    pending = folder / PENDING
+    pending.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
-        folder / "scores.npz",
+        pending / "scores.npz",
         p=scores.p,
         profit=scores.profit_cents,
         cost=scores.cost_cents,
         uplift=scores.uplift,
     )
-    users.to_parquet(folder / "users.parquet", index=False)
-    coupons.to_parquet(folder / "offers.parquet", index=False)
+    users.to_parquet(pending / "users.parquet", index=False)
+    coupons.to_parquet(pending / "offers.parquet", index=False)
     return {
         "campaign_id": campaign_id,
+        "request": request,
         "users": len(users),
         "offers": coupons["coupon_id"].tolist(),
         "channels": list(CHANNELS),
+        "skipped_offers": skipped,
         "dropped_offers": dropped,
         "as_of": as_of.isoformat(),
+        "send_after": send_after.isoformat(),
         "model_uri": getattr(model, "model_uri", "champion"),
-        "folder": str(folder),
+        "folder": str(pending),
     }
 
 
@@ -369,24 +509,19 @@ def drop_losing_offers(
     return kept, dropped
 
 
-def solve_campaign(
-    scores: dict[str, Any],
-    budget_cents: int,
-    holdout_fraction: float,
-    seed: int,
-    explore_fraction: float = 0.0,
-    message_cost_cents: dict[str, int] | None = None,
-    channel_capacity: dict[str, int] | None = None,
-) -> dict[str, Any]:
+def solve_campaign(scores: dict[str, Any]) -> dict[str, Any]:
     """Choose at most one (offer, channel, send hour) per user; store it atomically.
 
-    The full problem: each user's send hour per channel comes from their active
-    hours, eligibility from the offer rules and the user's past exposures, and the
-    solver keeps the budget, each offer's stock and each channel's capacity, net of
+    ``scores`` is the output of :func:`score_campaign`, which carries the checked
+    request. Each user's send hour per channel comes from their active hours,
+    eligibility from the offer rules and the user's past exposures, and the solver
+    keeps the budget, each offer's stock and each channel's capacity, net of
     message costs. A holdout and an exploration share are drawn, and every choice
-    is stored with its propensity. ``explore_fraction`` is lowered (halved until it
-    fits, possibly to 0) when its random draws would use more than a fifth of a
-    limit; the fraction used is in the summary and the stored params.
+    is stored with its propensity. ``explore_fraction`` is lowered (halved until
+    it fits, possibly to 0) when its random draws would use more than a fifth of a
+    limit; the log names the limit, and the fraction used is in the summary and
+    the stored params. Once stored, the scored files move from the pending folder
+    into the campaign folder.
     """
     from couponflow.allocation import (
         UNLIMITED,
@@ -406,23 +541,23 @@ def solve_campaign(
     )
 
     settings = get_settings()
-    folder = Path(scores["folder"])
+    request = scores["request"]
+    budget_cents = int(request["budget_cents"])
+    holdout_fraction = float(request["holdout_fraction"])
+    explore_fraction = float(request["explore_fraction"])
+    seed = int(request["seed"])
+    pending = Path(scores["folder"])
     channels = tuple(scores["channels"])
-    defaults = ChannelRules()
     rules = ChannelRules(
         channels=channels,
-        message_cost_cents=(
-            defaults.message_cost_cents
-            if message_cost_cents is None
-            else dict(message_cost_cents)
-        ),
-        capacity=dict(channel_capacity or {}),
+        message_cost_cents=request["message_cost_cents"],
+        capacity=request["channel_capacity"],
     )
-    matrices = np.load(folder / "scores.npz")
-    users = pd.read_parquet(folder / "users.parquet")
-    coupons = pd.read_parquet(folder / "offers.parquet")
+    matrices = np.load(pending / "scores.npz")
+    users = pd.read_parquet(pending / "users.parquet")
+    coupons = pd.read_parquet(pending / "offers.parquet")
     user_ids = users["user_id"].astype(str)
-    as_of = pd.Timestamp(scores["as_of"])
+    send_after = pd.Timestamp(scores["send_after"])
 
     hours = send_hours_for(users, rules)
     timed = at_send_hours(
@@ -440,7 +575,7 @@ def solve_campaign(
     history = exposure_history(
         lake.read_lake_table(settings, "exposures"),
         user_ids,
-        as_of,
+        send_after,
         eligibility_rules.frequency_window_days,
     )
     offers = coupons.assign(
@@ -451,7 +586,7 @@ def solve_campaign(
     eligible = build_eligibility(
         pd.concat([users, history], axis=1),
         offers,
-        hours.send_times(as_of),
+        hours.send_times(send_after),
         eligibility_rules,
         channels,
     )
@@ -475,71 +610,97 @@ def solve_campaign(
     )
     if explore < explore_fraction:
         log.warning(
-            "explore_fraction lowered from %s to %s: the exploration draws would use "
-            "more than a fifth of the budget, a stock or a channel capacity",
+            "explore_fraction lowered from %s to %s: at a higher fraction the "
+            "exploration draws would use more than a fifth of a limit (the lines "
+            "above name it)",
             explore_fraction,
             explore,
         )
     randomized = allocate_campaign(
         options, spec, user_ids, holdout_fraction, explore, seed
     )
-    plan = plan_rows(randomized, options, user_ids, hours, as_of, uplift=timed.uplift)
+    plan = plan_rows(
+        randomized, options, user_ids, hours, send_after, uplift=timed.uplift
+    )
 
     engine = get_engine(settings.campaign_db_url)
     params = {
-        "budget_cents": budget_cents,
-        "holdout_fraction": holdout_fraction,
+        **request,
         "explore_fraction": explore,
         "explore_fraction_requested": explore_fraction,
-        "seed": seed,
         "offers": scores["offers"],
-        "message_cost_cents": dict(rules.message_cost_cents),
-        "channel_capacity": dict(rules.capacity),
+        "send_after": send_after.isoformat(),
     }
+    campaign_id = scores["campaign_id"]
     version = write_allocation(
-        engine, scores["campaign_id"], plan, scores["model_uri"], budget_cents, params
+        engine, campaign_id, plan, scores["model_uri"], budget_cents, params
     )
+    folder = pending.parent
+    for name in SCORE_FILES:
+        os.replace(pending / name, folder / name)
     plan.to_parquet(folder / f"allocation-v{version}.parquet", index=False)
-    summary = allocation_summary(plan, randomized.solution, eligible, budget_cents)
+    summary = allocation_summary(plan, randomized.solution, eligible, spec)
     summary.update(
-        campaign_id=scores["campaign_id"],
+        campaign_id=campaign_id,
         version=version,
         explore_fraction=explore,
+        send_after=send_after.isoformat(),
+        features_as_of=scores["as_of"],
     )
+    if summary["offers_granted"] == 0 and budget_cents > 0:
+        reason = (
+            "no user has an eligible option with stock and channel capacity left"
+            if not summary["users_with_an_open_option"]
+            else "no option's predicted profit, net of message cost, is positive "
+            "within the limits"
+        )
+        summary["warnings"] = [f"the allocation sends nothing: {reason}"]
+        log.warning("campaign %s: %s", campaign_id, summary["warnings"][0])
     log.info("allocation %s", summary)
     return summary
 
 
 def allocation_summary(
-    plan: pd.DataFrame, solution: Any, eligible: np.ndarray, budget_cents: int
+    plan: pd.DataFrame, solution: Any, eligible: np.ndarray, spec: Any
 ) -> dict[str, Any]:
-    """Return the counts a reviewer checks: who got what, by which channel, when."""
+    """Return the counts a reviewer checks: who is sent what, by which channel, when.
+
+    Sends are planned messages, not grants: a user is granted the coupon when the
+    serving API records it. ``solver_objective_cents`` is the solver's predicted
+    net profit over every user, holdout and exploring users included, whose
+    choices are not sent; ``expected_profit_cents`` covers the planned sends only.
+    """
     sent = plan[plan["arm"] != CONTROL_ARM]
     cost = int(plan["expected_cost_cents"].sum())
+    budget_cents = int(spec.budget_cents)
+    channel_cost = {
+        c: int(v) for c, v in zip(spec.channels, spec.message_cost_cents, strict=True)
+    }
+    is_open = (spec.stock[spec.option_offer] > 0) & (
+        spec.capacity[spec.option_channel] > 0
+    )
+    open_options = eligible.reshape(len(plan), spec.n_options) & is_open
     return {
         "users": len(plan),
-        "users_with_an_eligible_option": int(eligible.any(axis=(1, 2)).sum()),
+        "users_with_an_open_option": int(open_options.any(axis=1).sum()),
         "holdout_users": int((plan["group_name"] == "holdout").sum()),
         "exploring_users": int((plan["assignment"] == "explore").sum()),
         "offers_granted": len(sent),
-        "grants_by_offer": {
-            str(k): int(v) for k, v in sent["arm"].value_counts().sort_index().items()
-        },
-        "grants_by_channel": {
-            str(k): int(v)
-            for k, v in sent["channel"].value_counts().sort_index().items()
-        },
-        "grants_by_send_hour": {
-            int(k): int(v)
-            for k, v in sent["send_at"].dt.hour.value_counts().sort_index().items()
-        },
+        "sends_by_offer": _counts(sent["arm"]),
+        "sends_by_channel": _counts(sent["channel"]),
+        "sends_by_utc_hour": _counts(sent["send_at"].dt.hour),
         "expected_cost_cents": cost,
+        "message_cost_cents": int(sent["channel"].map(channel_cost).sum()),
         "budget_cents": budget_cents,
         "budget_used_fraction": cost / budget_cents if budget_cents else None,
         "expected_profit_cents": int(plan["expected_profit_cents"].sum()),
-        "policy_profit_cents": float(solution.objective_cents),
-        "policy_dual_bound_cents": float(solution.dual_bound_cents),
+        "solver_objective_cents": float(solution.objective_cents),
+        "solver_dual_bound_cents": float(solution.dual_bound_cents),
     }
+
+
+def _counts(column: pd.Series) -> dict[str, int]:
+    return {str(k): int(v) for k, v in column.value_counts().sort_index().items()}
 
 
 # --- analyze_experiment ---------------------------------------------------------

@@ -17,6 +17,12 @@ from airflow.sdk import Param, dag, task
 from couponflow_airflow.assets import ALLOCATIONS, MODELS
 from couponflow_airflow.defaults import DEFAULT_ARGS, START_DATE, TAGS
 
+# Per-channel amounts of the Params: the channels of couponflow.schemas.CHANNELS,
+# spelled out because the DAG file must not import pandas (tested).
+CHANNEL_COUNTS = {
+    channel: {"type": "integer", "minimum": 0} for channel in ("email", "push", "sms")
+}
+
 
 @task
 def score_offers(
@@ -25,28 +31,16 @@ def score_offers(
     from couponflow import pipeline
 
     assert params is not None
-    return pipeline.score_campaign(
-        campaign_id=pipeline.campaign_id_or_default(params["campaign_id"], run_id),
-        offers=list(params["offers"]),
-    )
+    # The Params are checked before any scoring, so a bad value fails in seconds.
+    request = pipeline.check_request(dict(params), run_id)
+    return pipeline.score_campaign(request)
 
 
 @task(outlets=[ALLOCATIONS])
-def solve_allocation(
-    scores: dict[str, Any], params: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def solve_allocation(scores: dict[str, Any]) -> dict[str, Any]:
     from couponflow import pipeline
 
-    assert params is not None
-    return pipeline.solve_campaign(
-        scores=scores,
-        budget_cents=int(params["budget_cents"]),
-        holdout_fraction=float(params["holdout_fraction"]),
-        seed=int(params["seed"]),
-        explore_fraction=float(params["explore_fraction"]),
-        message_cost_cents=dict(params["message_cost_cents"]),
-        channel_capacity=dict(params["channel_capacity"]),
-    )
+    return pipeline.solve_campaign(scores)
 
 
 @dag(
@@ -67,14 +61,36 @@ def solve_allocation(
             50_000_00,
             type="integer",
             minimum=0,
-            description="Budget for expected discount cost, in cents.",
+            maximum=10**15,
+            description=(
+                "Budget for the expected discount cost, in cents; message costs "
+                "come on top and are in the summary."
+            ),
         ),
         "offers": Param(
             [],
             type="array",
-            description="Coupon ids to consider; empty means the whole catalogue.",
+            description=(
+                "Coupon ids to consider, each valid at the send time. Empty means "
+                "every coupon valid then, less those the newest trustworthy "
+                "experiment marked drop."
+            ),
         ),
-        "holdout_fraction": Param(0.1, type="number", minimum=0, exclusiveMaximum=1),
+        "send_after": Param(
+            "",
+            type="string",
+            description=(
+                "Earliest send time, ISO 8601 with a time zone; each message goes at "
+                "the user's hour after it. Empty means the latest feature snapshot."
+            ),
+        ),
+        "holdout_fraction": Param(
+            0.1,
+            type="number",
+            minimum=0,
+            exclusiveMaximum=1,
+            description="Share of users drawn into the holdout, who get nothing.",
+        ),
         "explore_fraction": Param(
             0.05,
             type="number",
@@ -88,16 +104,31 @@ def solve_allocation(
         "message_cost_cents": Param(
             {"email": 0, "push": 0, "sms": 5},
             type="object",
-            additionalProperties={"type": "integer", "minimum": 0},
-            description="Cost of one message per channel, in cents.",
+            properties=CHANNEL_COUNTS,
+            additionalProperties=False,
+            description=(
+                "Cost of one message per channel (email, push, sms), in cents; a "
+                "channel left out keeps its default."
+            ),
         ),
         "channel_capacity": Param(
             {},
             type="object",
-            additionalProperties={"type": "integer", "minimum": 0},
-            description="Most messages per channel; a channel left out has no limit.",
+            properties=CHANNEL_COUNTS,
+            additionalProperties=False,
+            description=(
+                "Most messages per channel (email, push, sms); a channel left out "
+                "has no limit."
+            ),
         ),
-        "seed": Param(11, type="integer"),
+        "seed": Param(
+            11,
+            type="integer",
+            description=(
+                "Seed of the holdout and exploration draws; the same seed keeps "
+                "each user in the same group across versions."
+            ),
+        ),
     },
 )
 def allocate_campaign() -> None:

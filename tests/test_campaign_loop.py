@@ -222,6 +222,29 @@ def test_zero_budget_allocates_nothing(
     summary = _xcom(dag_run, "solve_allocation")
     assert summary["offers_granted"] == 0
     assert summary["budget_used_fraction"] is None
+    assert summary["explore_fraction"] == 0
+    assert summary["sends_by_channel"] == {}
+    assert "warnings" not in summary
+
+
+def test_misspelled_param_is_refused_before_the_run(
+    loop: dict[str, object], settings: Settings
+) -> None:
+    from couponflow.dagrun import run_dag
+
+    with pytest.raises(ValueError, match=r"no params \['budget'\]"):
+        run_dag(settings, "allocate_campaign", {"campaign_id": "typo", "budget": 5})
+
+
+def test_scored_files_move_into_the_campaign_folder(
+    loop: dict[str, object], settings: Settings
+) -> None:
+    from couponflow.pipeline import SCORE_FILES, campaign_dir
+
+    folder = campaign_dir(settings, CAMPAIGN)
+    for name in SCORE_FILES:
+        assert (folder / name).exists(), name
+        assert not (folder / "pending" / name).exists(), name
 
 
 def test_empty_batch_stops_the_chain(

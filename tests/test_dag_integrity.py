@@ -96,6 +96,19 @@ def test_assets_chain_the_pipelines() -> None:
     assert schedule_assets("analyze_experiment") == {assets.OUTCOMES.name}
 
 
+def test_allocation_params_name_every_channel() -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    from couponflow.schemas import CHANNELS
+
+    bag = DagBag(str(DAGS / "allocate_campaign.py"), include_examples=False)
+    params = bag.dags["allocate_campaign"].params
+    for name in ("message_cost_cents", "channel_capacity"):
+        schema = params.get_param(name).schema
+        assert set(schema["properties"]) == set(CHANNELS), name
+        assert schema["additionalProperties"] is False, name
+
+
 def test_task_ids_are_verb_noun() -> None:
     from airflow.dag_processing.dagbag import DagBag
 

@@ -82,7 +82,7 @@ def draw_groups(
     user. Both draws come from a keyed hash of the user id, so the same id and seed
     always draw the same.
     """
-    _validate_fractions(holdout_fraction, explore_fraction)
+    validate_fractions(holdout_fraction, explore_fraction)
     ids = np.asarray(pd.Series(user_ids, dtype="string").to_numpy(), dtype=object)
     group_draw = _uniform(ids, seed, "group")
     choice_draw = _uniform(ids, seed, "explore")
@@ -188,7 +188,7 @@ def fit_explore_fraction(
     it, so the returned fraction never makes it raise. A fraction that draws no
     user, or is below 1e-4, counts as 0.
     """
-    _validate_fractions(holdout_fraction, explore_fraction)
+    validate_fractions(holdout_fraction, explore_fraction)
     if not 0.0 <= max_share <= 1.0:
         raise ValueError(f"max_share must be in [0, 1], got {max_share}")
     options.check_spec(spec)
@@ -203,13 +203,14 @@ def fit_explore_fraction(
             return 0.0
         explored = _draw_options(open_options[explorers], choice_draw[explorers])
         quanta, grants, messages = _usage(options, spec, explorers, explored)
-        fits = (
-            quanta <= max_share * spec.budget_cents * COST_QUANTA_PER_CENT
-            and bool((grants <= max_share * spec.stock).all())
-            and bool((messages <= max_share * spec.capacity).all())
-        )
-        if fits:
+        over = _over_share(spec, max_share, quanta, grants, messages)
+        if not over:
             return fraction
+        log.info(
+            "exploration at %.4g would use %s; trying half of it",
+            fraction,
+            "; ".join(over),
+        )
         fraction /= 2.0
     return 0.0
 
@@ -314,10 +315,13 @@ def plan_rows(
     return plan[[*PLAN_COLUMNS, "assignment"]]
 
 
-def _validate_fractions(holdout_fraction: float, explore_fraction: float) -> None:
+def validate_fractions(holdout_fraction: float, explore_fraction: float) -> None:
+    """Raise ``ValueError`` unless both fractions are >= 0 and sum to below 1."""
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-    if not 0.0 <= explore_fraction < 1.0 - holdout_fraction:
+    # The tolerance keeps 0.95 + 0.05, which sums to just below 1 in floating
+    # point, from passing.
+    if not (0.0 <= explore_fraction and holdout_fraction + explore_fraction < 1 - 1e-9):
         raise ValueError(
             f"explore_fraction must be in [0, 1 - holdout_fraction), got "
             f"{explore_fraction} with holdout_fraction {holdout_fraction}"
@@ -378,6 +382,29 @@ def _reserve(
                 f"of {int(limit[j])}; lower explore_fraction or raise the limit"
             )
     return quanta, grants, messages
+
+
+def _over_share(
+    spec: AllocationSpec,
+    max_share: float,
+    quanta: int,
+    grants: IntArray,
+    messages: IntArray,
+) -> list[str]:
+    """Describe each limit of which the draws use more than ``max_share``."""
+    over = []
+    if quanta > max_share * spec.budget_cents * COST_QUANTA_PER_CENT:
+        over.append(
+            f"{quanta / COST_QUANTA_PER_CENT:.0f} of the budget's "
+            f"{spec.budget_cents} cents"
+        )
+    for kind, names, used, limit in (
+        ("stock", spec.offer_ids, grants, spec.stock),
+        ("capacity", spec.channels, messages, spec.capacity),
+    ):
+        for j in np.flatnonzero(used > max_share * limit):
+            over.append(f"{int(used[j])} of the {kind} {int(limit[j])} of {names[j]!r}")
+    return over
 
 
 def _usage(
