@@ -1,4 +1,4 @@
-"""What choosing each user's channel and send hour is worth, on the simulator's truth.
+"""The worth of choosing each user's channel and send hour, on the simulator's truth.
 
 Every variant allocates the same budget with the oracle's knowledge of the true
 coupon effects, so the only difference between them is which channels and hours it
@@ -115,7 +115,7 @@ def variant_matrices(
     """Return true profit and cost, users x options, of one variant's options.
 
     Options are (coupon, channel) pairs: each coupon's first listed channel, or all
-    of its listed channels. An option a variant cannot use has profit -inf.
+    of its listed channels when the variant picks the best one.
     """
     coupons = world.coupons.reset_index(drop=True)
     listed = [

@@ -3,10 +3,10 @@
 Loads the `champion` response model and scores every user x offer x channel. Each
 user's send hour per channel comes from their active hours; eligibility from the
 offer rules and past exposures. The solver keeps the budget, each coupon's stock and
-each channel's capacity, net of message costs; a randomized holdout and an
-exploration share are drawn and every assignment is stored with its propensity.
-Trigger it from the UI to set the campaign, budget, offers, holdout, exploration,
-channel costs and capacities, and seed.
+each channel's capacity, net of message costs. A randomized holdout and an
+exploration share are drawn, and every assignment is stored with its propensity.
+Trigger it from the UI to set the campaign, budget, offers, send time, holdout,
+exploration, channel costs and capacities, and seed.
 """
 
 from __future__ import annotations

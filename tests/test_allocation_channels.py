@@ -46,7 +46,7 @@ def test_full_reach_keeps_the_scores() -> None:
     np.testing.assert_allclose(timed.p, scores.p)
 
 
-def test_half_reach_halves_the_effect_but_not_the_discount() -> None:
+def test_half_reach_halves_effect() -> None:
     timed = at_send_hours(_scores(0.1, 0.3, 500.0, 4_000.0), np.full((1, 3), 0.5))
     # Uplift 0.2 becomes 0.1, so 0.2 of users convert, each paid a 500-cent discount.
     np.testing.assert_allclose(timed.uplift, 0.1)

@@ -2,7 +2,7 @@
 
 The response model predicts a coupon's effect by the channel that carries it, for a
 message sent at the user's usual hour (the randomized campaigns it learns from were
-sent then). :func:`score_channels` asks it once per channel, and
+sent then). :func:`score_channels` calls it once per channel, and
 :func:`at_send_hours` scales each effect by the user's relative activity at the
 hour the message can go out, which is below 1 when a channel's quiet hours keep it
 from the user's busiest hour.
@@ -46,10 +46,10 @@ def _default_message_cost() -> dict[str, int]:
 class ChannelRules:
     """What each channel may do: its hours, the cost of a message and a daily cap.
 
-    ``allowed_hours`` lists the UTC hours a channel may send at (every hour when a
-    channel is not listed), ``message_cost_cents`` the cost of one message, and
-    ``capacity`` the number of messages a channel may send in the campaign (no
-    limit when a channel is not listed).
+    ``allowed_hours`` lists the UTC hours a channel may send at. A channel missing
+    from it may send at every hour. ``message_cost_cents`` is the cost of one
+    message, and ``capacity`` the number of messages a channel may send in the
+    campaign; a channel missing from ``capacity`` has no limit.
     """
 
     channels: tuple[str, ...] = CHANNELS
