@@ -78,6 +78,7 @@ class Scored:
     true_uplift: FloatMatrix
     true_profit_midnight: FloatMatrix
     offer_ids: list[str]
+    effect_reliability: dict[str, float]
     seconds: dict[str, float]
 
 
@@ -116,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(outcomes))
     print(format_midnight(scored, BUDGET_SHARES))
     print(format_uplift_correlation(scored))
+    reliability = ", ".join(
+        f"{offer} {share:.2f}" for offer, share in scored.effect_reliability.items()
+    )
+    print(f"effect reliability of each coupon in the response model: {reliability}")
     if args.plot is not None:
         write_plot(compare(scored, PLOT_SHARES, args.seed), args.plot)
         print(f"plot: {args.plot}")
@@ -168,6 +173,7 @@ def score_world(settings: Settings, n_users: int, days: int, seed: int) -> Score
         true_uplift=truth[2],
         true_profit_midnight=midnight[0],
         offer_ids=offers["coupon_id"].astype(str).tolist(),
+        effect_reliability=dict(model.effect_reliability),
         seconds=seconds,
     )
 
