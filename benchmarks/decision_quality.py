@@ -78,13 +78,17 @@ class Scored:
     true_uplift: FloatMatrix
     true_profit_midnight: FloatMatrix
     offer_ids: list[str]
-    effect_reliability: dict[str, float]
     seconds: dict[str, float]
 
 
 @dataclass(frozen=True)
 class PolicyOutcome:
-    """One policy at one budget, judged on the true effects."""
+    """One policy at one budget, judged on the true effects.
+
+    ``oracle_at_true_cost_cents`` is the oracle's true profit when its budget is the
+    policy's true cost: a policy whose predicted costs are too low spends more than
+    the budget, and this compares it with the oracle at the same spend.
+    """
 
     budget_share: float
     budget_cents: int
@@ -92,6 +96,7 @@ class PolicyOutcome:
     granted: int
     true_cost_cents: float
     true_profit_cents: float
+    oracle_at_true_cost_cents: float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,10 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(outcomes))
     print(format_midnight(scored, BUDGET_SHARES))
     print(format_uplift_correlation(scored))
-    reliability = ", ".join(
-        f"{offer} {share:.2f}" for offer, share in scored.effect_reliability.items()
-    )
-    print(f"effect reliability of each coupon in the response model: {reliability}")
     if args.plot is not None:
         write_plot(compare(scored, PLOT_SHARES, args.seed), args.plot)
         print(f"plot: {args.plot}")
@@ -173,7 +174,6 @@ def score_world(settings: Settings, n_users: int, days: int, seed: int) -> Score
         true_uplift=truth[2],
         true_profit_midnight=midnight[0],
         offer_ids=offers["coupon_id"].astype(str).tolist(),
-        effect_reliability=dict(model.effect_reliability),
         seconds=seconds,
     )
 
@@ -304,17 +304,28 @@ def compare(scored: Scored, shares: Sequence[float], seed: int) -> list[PolicyOu
         choices = choose(scored, budget, seed)
         for policy in POLICIES:
             rows, columns = _granted(choices[policy])
+            true_cost = float(scored.true_cost[rows, columns].sum())
             outcomes.append(
                 PolicyOutcome(
                     budget_share=share,
                     budget_cents=budget,
                     policy=policy,
                     granted=int(rows.size),
-                    true_cost_cents=float(scored.true_cost[rows, columns].sum()),
+                    true_cost_cents=true_cost,
                     true_profit_cents=float(scored.true_profit[rows, columns].sum()),
+                    oracle_at_true_cost_cents=_oracle_profit(scored, true_cost),
                 )
             )
     return outcomes
+
+
+def _oracle_profit(scored: Scored, budget_cents: float) -> float:
+    """Return the oracle's true profit with ``budget_cents`` of true cost."""
+    budget = max(1, int(round(budget_cents)))
+    rows, columns = _granted(
+        oracle(scored.true_profit, scored.true_cost, budget).choice
+    )
+    return float(scored.true_profit[rows, columns].sum())
 
 
 def _granted(choice: Choice) -> tuple[npt.NDArray[np.int64], Choice]:
@@ -323,10 +334,14 @@ def _granted(choice: Choice) -> tuple[npt.NDArray[np.int64], Choice]:
 
 
 def format_table(outcomes: list[PolicyOutcome]) -> str:
-    """Return the table of true profit and share of the oracle per budget."""
+    """Return the table of true profit and share of the oracle per budget.
+
+    "of oracle" divides by the oracle's profit at the same budget, and "same cost"
+    by the oracle's profit at the policy's true cost.
+    """
     lines = [
         f"{'budget':>7} {'policy':<18}{'offers':>8}{'true cost':>12}"
-        f"{'true profit':>13}{'of oracle':>11}{'x likeliest':>13}"
+        f"{'true profit':>13}{'of oracle':>11}{'same cost':>11}{'x likeliest':>13}"
     ]
     by_share: dict[float, list[PolicyOutcome]] = {}
     for outcome in outcomes:
@@ -338,11 +353,16 @@ def format_table(outcomes: list[PolicyOutcome]) -> str:
         )
         for o in group:
             ratio = f"{o.true_profit_cents / best:.1%}" if best > 0 else "n/a"
+            same_cost = (
+                f"{o.true_profit_cents / o.oracle_at_true_cost_cents:.1%}"
+                if o.oracle_at_true_cost_cents > 0
+                else "n/a"
+            )
             times = f"{o.true_profit_cents / likeliest:.2f}" if likeliest > 0 else "n/a"
             lines.append(
                 f"{share:>7.0%} {o.policy:<18}{o.granted:>8}"
                 f"{o.true_cost_cents / 100:>12,.2f}{o.true_profit_cents / 100:>13,.2f}"
-                f"{ratio:>11}{times:>13}"
+                f"{ratio:>11}{same_cost:>11}{times:>13}"
             )
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,13 @@ from couponflow.allocation import (
     solve_budget,
     solve_budget_lp,
     write_allocation,
+)
+from couponflow.allocation.scoring import (
+    BasketPrior,
+    expected_basket_cents,
+    fit_basket_prior,
+    score_users,
+    shrunk_basket_cents,
 )
 from couponflow.schemas import CONTROL_ARM, COUPONS, coerce
 from couponflow.settings import Settings
@@ -195,6 +203,180 @@ class TestScoreOffers:
         offers = _offers().assign(kind=["percent_off", "bogus", "free_shipping"])
         with pytest.raises(ValueError, match="unknown coupon kind"):
             score_offers(np.full((1, 4), 0.1), np.array([100]), offers, 0.3)
+
+    def test_min_spend_applies_to_every_kind(self) -> None:
+        offers = _offers().assign(min_spend_cents=[6_000, 6_000, 6_000])
+        p = np.array([[0.10, 0.20, 0.30, 0.15], [0.10, 0.20, 0.30, 0.15]])
+        aov = np.array([5_999, 6_000], dtype=np.int64)
+
+        scores = score_offers(p, aov, offers, margin_rate=0.3)
+
+        discount = scores.discount_cents
+        assert discount is not None
+        np.testing.assert_array_equal(discount[0], [0, 0, 0])
+        np.testing.assert_array_equal(scores.uplift[0], [0.0, 0.0, 0.0])
+        np.testing.assert_array_equal(scores.cost_cents[0], [0.0, 0.0, 0.0])
+        np.testing.assert_array_equal(discount[1], [600, 500, 499])
+        assert scores.profit_cents[1, 2] == pytest.approx(
+            0.3 * 6_000 * 0.05 - 0.15 * 499
+        )
+
+    def test_zero_basket_pays_only_fixed_discounts(self) -> None:
+        p = np.array([[0.10, 0.20, 0.30, 0.15]])
+
+        scores = score_offers(p, np.array([0], dtype=np.int64), _offers(), 0.3)
+
+        # 10% of nothing is nothing, five_off needs 3000 cents, shipping still costs.
+        np.testing.assert_array_equal(scores.discount_cents, [[0, 0, 499]])
+        assert scores.profit_cents[0, 0] == 0.0
+        assert scores.uplift[0, 1] == 0.0
+        assert scores.profit_cents[0, 2] == pytest.approx(-0.15 * 499)
+
+    def test_category_coupon_is_charged_on_every_conversion(self) -> None:
+        offers = _offers().assign(category=["beauty", "beauty", "beauty"])
+        p = np.array([[0.10, 0.20, 0.30, 0.15], [0.10, 0.20, 0.30, 0.15]])
+        aov = np.array([5_000, 5_000], dtype=np.int64)
+
+        scores = score_offers(p, aov, offers, margin_rate=0.3)
+
+        # Users without beauty affinity pay the same expected discount: see the
+        # NOTE in score_offers for why the category is not weighted.
+        np.testing.assert_array_equal(scores.cost_cents[0], scores.cost_cents[1])
+        assert scores.cost_cents[0, 0] == pytest.approx(0.20 * 500)
+
+
+class TestExpectedBasket:
+    PRIOR = BasketPrior(
+        log_mean=math.log(5_000), between_variance=0.25, order_variance=0.25
+    )
+
+    def test_prior_shrinks_by_order_count(self) -> None:
+        users = pd.DataFrame({"aov_cents": [4_000, 0, 8_000], "orders_90d": [1, 0, 3]})
+
+        basket = shrunk_basket_cents(users, self.PRIOR)
+
+        # One order: weight 0.25 / (0.25 + 0.25) = 1/2 on log(4000) + 0.125, so
+        # exp(0.5 * (log 4000 + 0.125) + 0.5 * log 5000 + 0.125 / 2) = 5067.6.
+        # No order: the prior's mean, exp(log 5000 + 0.25 / 2) = 5665.7.
+        # Three orders: weight 3/4 on log(8000) + 0.25 / 6, variance 1/16: 7571.9.
+        assert basket.dtype == np.int64
+        assert basket.tolist() == [5_068, 5_666, 7_572]
+
+    def test_more_orders_move_estimate_toward_aov(self) -> None:
+        users = pd.DataFrame(
+            {"aov_cents": [10_000, 10_000, 10_000], "orders_90d": [1, 4, 400]}
+        )
+
+        basket = shrunk_basket_cents(users, self.PRIOR)
+
+        assert basket[0] < basket[1] < basket[2]
+        assert basket[2] == pytest.approx(10_000, rel=0.01)
+
+    def test_fit_recovers_variances(self) -> None:
+        # Log baskets of 30 one-order buyers at m +- a and 30 four-order buyers at
+        # m +- b have sample variances V1 = 0.6 and V4 = 0.3. So
+        # between + order = 0.6 and between + order / 4 = 0.3 give 0.2 and 0.4.
+        m = math.log(4_000)
+        a = math.sqrt(0.6 * 29 / 30)
+        b = math.sqrt(0.3 * 29 / 30)
+        signs = np.tile([1.0, -1.0], 15)
+        users = pd.DataFrame(
+            {
+                "aov_cents": np.exp(np.concatenate([m + a * signs, m + b * signs])),
+                "orders_90d": [1] * 30 + [4] * 30,
+            }
+        )
+
+        prior = fit_basket_prior(users)
+
+        assert prior is not None
+        assert prior.between_variance == pytest.approx(0.2)
+        assert prior.order_variance == pytest.approx(0.4)
+        # Mean of log(aov) + order / (2 n): m + (0.2 + 0.05) / 2.
+        assert prior.log_mean == pytest.approx(m + 0.125)
+
+    def test_too_few_buyers_give_no_prior(self) -> None:
+        users = pd.DataFrame(
+            {"aov_cents": [0, 1_000, 3_000, 0], "orders_90d": [0, 1, 2, 0]}
+        )
+
+        assert fit_basket_prior(users) is None
+
+    def test_basket_is_aov_or_median_of_buyers(self) -> None:
+        users = pd.DataFrame({"aov_cents": [0, 1_000, 3_000, 0, 2_000]})
+
+        basket = expected_basket_cents(users)
+
+        assert basket.dtype == np.int64
+        assert basket.tolist() == [2_000, 1_000, 3_000, 2_000, 2_000]
+
+    def test_nobody_bought(self) -> None:
+        users = pd.DataFrame({"aov_cents": [0, 0], "orders_90d": [0, 0]})
+
+        assert expected_basket_cents(users).tolist() == [0, 0]
+        assert shrunk_basket_cents(users, self.PRIOR).tolist() == [5_666, 5_666]
+
+    @pytest.mark.parametrize(
+        ("users", "message"),
+        [
+            (pd.DataFrame({"orders_90d": [1]}), "no aov_cents column"),
+            (pd.DataFrame({"aov_cents": [1]}), "no orders_90d column"),
+            (
+                pd.DataFrame({"aov_cents": [-1], "orders_90d": [1]}),
+                "aov_cents must be >= 0",
+            ),
+            (
+                pd.DataFrame({"aov_cents": [1], "orders_90d": [-1]}),
+                "orders_90d must be >= 0",
+            ),
+        ],
+    )
+    def test_rejects_invalid_users(self, users: pd.DataFrame, message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            shrunk_basket_cents(users, self.PRIOR)
+
+    def test_expected_basket_rejects_invalid_users(self) -> None:
+        with pytest.raises(ValueError, match="no aov_cents column"):
+            expected_basket_cents(pd.DataFrame({"orders_90d": [1]}))
+        with pytest.raises(ValueError, match="aov_cents must be >= 0"):
+            expected_basket_cents(pd.DataFrame({"aov_cents": [5, -1]}))
+
+    def test_prior_rejects_nonpositive_variance(self) -> None:
+        with pytest.raises(ValueError, match="order_variance must be finite and > 0"):
+            BasketPrior(log_mean=8.0, between_variance=0.2, order_variance=0.0)
+
+    def test_score_users_scores_on_expected_basket(self) -> None:
+        users = pd.DataFrame({"aov_cents": [5_000, 0, 3_000]})
+        model = _FixedModel(np.array([[0.10, 0.20, 0.30, 0.15]] * 3))
+
+        p, scores = score_users(model, users, _offers(), 0.3)
+
+        np.testing.assert_array_equal(p, model.p)
+        # The user without a purchase gets the buyers' median basket, 4000 cents.
+        assert scores.discount_cents is not None
+        np.testing.assert_array_equal(scores.discount_cents[:, 0], [500, 400, 300])
+        assert scores.profit_cents[1, 0] == pytest.approx(
+            0.3 * 4_000 * 0.10 - 0.20 * 400
+        )
+
+    def test_score_users_needs_aov_column(self) -> None:
+        model = _FixedModel(np.full((1, 4), 0.1))
+        with pytest.raises(ValueError, match="no aov_cents column"):
+            score_users(model, pd.DataFrame({"orders_90d": [1]}), _offers(), 0.3)
+
+
+class _FixedModel:
+    """A conversion model that returns the same probabilities for any input."""
+
+    def __init__(self, p: np.ndarray) -> None:
+        self.p = p
+
+    def predict_conversion(
+        self, users: pd.DataFrame, offers: pd.DataFrame
+    ) -> np.ndarray:
+        assert len(users) == self.p.shape[0]
+        assert len(offers) == self.p.shape[1] - 1
+        return self.p
 
 
 class TestSolveBudget:

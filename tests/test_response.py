@@ -7,6 +7,8 @@ only for users with some electronics affinity.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +27,12 @@ from training.registry import (
     log_and_register,
 )
 from training.response import (
+    OfferEffect,
     ResponseModel,
     evaluate,
     split_holdout,
     train_response_model,
+    validate_offers,
 )
 
 N_USERS = 8000
@@ -228,22 +232,92 @@ def test_predict_conversion_scores_unsent_coupon(
     assert np.isfinite(probabilities).all()
 
 
-def test_design_matrix_zeroes_control_offer(
+def test_design_matrix_holds_user_features(
     model: ResponseModel, campaign: tuple[pd.DataFrame, pd.DataFrame]
 ) -> None:
     _, holdout = campaign
     frame = holdout.head(40)
     design = model.assigned_design_matrix(frame, make_coupons())
-    is_control = (frame["arm"] == CONTROL_ARM).to_numpy()
-    assert is_control.any()
-    assert not is_control.all()
-    offer_columns = [c for c in design.columns if c == "treated" or "offer" in c]
-    offer_columns += [c for c in design.columns if c.startswith("kind_")]
-    assert (design.loc[is_control, offer_columns] == 0).all().all()
-    assert (design.loc[~is_control, "treated"] == 1).all()
-    percent_rows = (frame["arm"] == "PCT15").to_numpy()
-    assert percent_rows.any()
-    assert (design.loc[percent_rows, "offer_discount_share_of_aov"] == 0.15).all()
+    assert list(design.columns) == model.feature_names
+    assert len(design) == len(frame)
+    offer_columns = [
+        c for c in design.columns if c.startswith(("offer", "kind_", "channel_"))
+    ]
+    assert offer_columns == []
+    assert model.booster.feature_names == model.feature_names
+
+
+def test_offer_effect_by_hand(model: ResponseModel) -> None:
+    assert model.effect is not None
+    users = make_users(3, 0).assign(
+        aov_cents=[5_000, 0, 2_000], uses_app=[1, 0, 1], affinity_electronics=0.5
+    )
+    offers = validate_offers(make_coupons())
+    names = model.effect.term_names
+    flat = dataclasses.replace(
+        model.effect,
+        coefficients=(0.0,) * len(names),
+        basket_prior=None,
+        fallback_basket_cents=5_000,
+    )
+    coefficients = dict.fromkeys(names, 0.0)
+    coefficients["reach_email_app"] = math.log(2.0)
+    coefficients["offer_category_affinity"] = 1.0
+    tilted = dataclasses.replace(flat, coefficients=tuple(coefficients.values()))
+
+    def gains(effect: OfferEffect, row: int) -> np.ndarray:
+        offer_rows = offers.iloc[[row] * len(users)].reset_index(drop=True)
+        baskets = effect.baskets(users)
+        return effect.log_odds_gain(users, offer_rows, baskets, model.encoding)
+
+    # With every coefficient 0 the gain is the depth. The user without a purchase
+    # has the fallback basket of 5000 cents.
+    np.testing.assert_allclose(gains(flat, 0), [0.2, 0.2, 0.5])  # 1000 cents off
+    np.testing.assert_allclose(gains(flat, 1), [0.15, 0.15, 0.15])  # 15% off
+    np.testing.assert_allclose(gains(flat, 2), [0.1198, 0.1198, 0.2995])  # 599
+    # AMT10 and PCT15 go by email, so app users' effect doubles. The affinity term
+    # multiplies AMT10, an electronics coupon, by e^0.5, and the coupons for every
+    # category, whose affinity counts as 1, by e.
+    np.testing.assert_allclose(
+        gains(tilted, 0), np.array([0.4, 0.2, 1.0]) * math.exp(0.5)
+    )
+    np.testing.assert_allclose(gains(tilted, 1), np.array([0.3, 0.15, 0.3]) * math.e)
+    np.testing.assert_allclose(
+        gains(tilted, 2), np.array([0.1198, 0.1198, 0.2995]) * math.e
+    )
+
+
+def test_deeper_discount_converts_more(
+    model: ResponseModel, campaign: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    _, holdout = campaign
+    coupons = make_coupons().iloc[[1, 1]].reset_index(drop=True)
+    coupons["coupon_id"] = pd.array(["PCT15", "PCT30"], dtype="string")
+    coupons["value"] = [1500, 3000]
+
+    probabilities = model.predict_conversion(holdout.head(200), coupons)
+
+    assert (probabilities[:, 1] > probabilities[:, 0]).all()
+    assert (probabilities[:, 2] > probabilities[:, 1]).all()
+
+
+def test_effect_spec_round_trips(model: ResponseModel) -> None:
+    assert model.effect is not None
+    spec = model.to_spec()
+    loaded = ResponseModel.from_spec(model.booster, spec)
+    assert loaded.effect == model.effect
+
+    with pytest.raises(ValueError, match="format_version 2"):
+        ResponseModel.from_spec(model.booster, {**spec, "format_version": 2})
+    renamed = dict(spec["effect"], term_names=["x", *spec["effect"]["term_names"][1:]])
+    with pytest.raises(ValueError, match="effect terms"):
+        ResponseModel.from_spec(model.booster, {**spec, "effect": renamed})
+
+
+def test_untrained_model_cannot_predict(model: ResponseModel) -> None:
+    untrained = dataclasses.replace(model, effect=None)
+    with pytest.raises(ValueError, match="no offer effect"):
+        untrained.predict_conversion(make_users(2, 0), make_coupons())
 
 
 def test_model_qini_beats_random(
@@ -276,6 +350,23 @@ def test_evaluate_reports_offer_metrics(
         assert 0.0 <= metrics[f"auc/{coupon_id}"] <= 1.0
     # The strongest offer effects should be ranked better than chance.
     assert metrics["qini/PCT15"] > MIN_QINI_OVER_RANDOM
+
+
+def test_predict_assigned_matches_predict_conversion(
+    model: ResponseModel, campaign: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    _, holdout = campaign
+    # Without a channel column both send each coupon by its first listed channel.
+    frame = holdout.head(60).drop(columns="channel").reset_index(drop=True)
+    coupons = make_coupons()
+    column = {CONTROL_ARM: 0, "AMT10": 1, "PCT15": 2, "SHIP": 3}
+
+    assigned = model.predict_assigned(frame, coupons)
+
+    every_offer = model.predict_conversion(frame, coupons)
+    positions = frame["arm"].map(column).to_numpy(dtype=np.int64)
+    expected = every_offer[np.arange(len(frame)), positions]
+    np.testing.assert_allclose(assigned, expected, rtol=0, atol=1e-9)
 
 
 def test_unknown_arm_is_rejected(

@@ -1,8 +1,11 @@
-"""XGBoost uplift response model: P(convert | user, offer) for every offer and none.
+"""Response model: P(convert | user, offer) for every offer and none.
 
-One booster trained in two stages on a randomized past campaign: trees on the user
-features fit conversion without an offer, then trees on interactions of the offer
-with a few user signals fit its effect. Offers enter as attributes, not ids.
+Two stages, trained on a randomized past campaign. XGBoost trees on the user features
+fit conversion without an offer, on the control rows. An elasticity model then fits
+the offers' effect on the treated rows. An offer adds its discount depth times the
+user's elasticity to the log-odds of conversion. The log of the elasticity is linear
+in the channel's reach, the offer's kind and the user's price-sensitivity signals.
+Offers enter as attributes, not ids, so a coupon that was never sent can be scored.
 """
 
 from __future__ import annotations
@@ -11,16 +14,22 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import xgboost as xgb
-from scipy.special import logit
+from scipy.optimize import minimize
+from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
+from couponflow.allocation.scoring import (
+    BasketPrior,
+    fit_basket_prior,
+    shrunk_basket_cents,
+)
 from couponflow.schemas import (
     ALL_CATEGORIES,
     CATEGORIES,
@@ -31,6 +40,8 @@ from couponflow.schemas import (
 from couponflow.uplift import auuc, qini_coefficient, uplift_at_k
 
 log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
 
 # Numeric columns of the user feature frame that every model uses.
 USER_FEATURES: tuple[str, ...] = (
@@ -60,56 +71,6 @@ USER_FEATURES: tuple[str, ...] = (
 # means nothing to a model trained on another run's ids.
 OPTIONAL_USER_FEATURES: tuple[str, ...] = ("purchasing_power",)
 TOP_CATEGORY_COLUMN = "top_category"
-# Offer attributes after the treated flag and the one-hot kind columns; all are 0 for
-# no offer.
-OFFER_ATTRIBUTE_FEATURES: tuple[str, ...] = (
-    "offer_value",
-    "offer_min_spend_cents",
-    "offer_valid_days",
-    "offer_matches_top_category",
-    "offer_category_affinity",
-    "offer_discount_share_of_aov",
-    "offer_min_spend_over_aov",
-)
-# Interactions of the offer with user signals that commonly modify coupon effects,
-# all 0 for no offer. The signals are price sensitivity (views per session and the
-# cheapness of the items viewed), reach (push to app users), purchase frequency and
-# cart abandonment (cart rate). "Depth" is the discount's share of the average order
-# value and "cheapness" the inverse of the view price index, so an offer's effect
-# can grow with both, per channel. The effect stage's trees split on these.
-EFFECT_FEATURES: tuple[str, ...] = (
-    "effect_depth_x_views",
-    "effect_depth_x_cheapness",
-    "effect_depth_x_views_push_app",
-    "effect_depth_x_cheapness_push_app",
-    "effect_depth_x_views_sms",
-    "effect_depth_x_views_email",
-    "effect_push_app",
-    "effect_views",
-    "effect_cheapness",
-    "effect_orders",
-    "effect_cart_rate",
-)
-# Columns that the effect stage's trees split on. Leaving out the offer's kind,
-# channel and value makes every offer's effect a function of these shared signals,
-# and leaving out the other user features keeps the stage from fitting noise: both
-# measured better on the simulator (benchmarks/decision_quality.py).
-# NOTE: an effect that varies along a user feature outside these signals is not
-# learned; add an effect_ interaction for it.
-EFFECT_STAGE_FEATURES = frozenset(
-    {"treated", "offer_discount_share_of_aov", "offer_category_affinity"}
-) | frozenset(EFFECT_FEATURES)
-# The effect stage's trees may only raise the effect along these features.
-_INCREASING_EFFECT_FEATURES = frozenset(
-    {
-        "effect_depth_x_views",
-        "effect_depth_x_cheapness",
-        "effect_depth_x_views_push_app",
-        "effect_depth_x_cheapness_push_app",
-        "effect_depth_x_views_sms",
-        "effect_depth_x_views_email",
-    }
-)
 OFFER_REQUIRED_COLUMNS: tuple[str, ...] = (
     "coupon_id",
     "kind",
@@ -117,9 +78,9 @@ OFFER_REQUIRED_COLUMNS: tuple[str, ...] = (
     "min_spend_cents",
 )
 
-# Shallow, slowly learning trees with large leaves: offer effects are a few points of
-# conversion rate, and deeper trees or smaller leaves fit outcome noise before they
-# fit the effects. XGBoost uses every core unless params set "nthread".
+# Conversion without an offer: shallow, slowly learning trees with large leaves, since
+# a few thousand control rows carry the signal. XGBoost uses every core unless params
+# set "nthread".
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "binary:logistic",
     "eval_metric": "logloss",
@@ -131,17 +92,50 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "min_child_weight": 50.0,
     "lambda": 1.0,
 }
-# Trees of the first stage, on the control rows.
 DEFAULT_NUM_BOOST_ROUND = 200
-# The effect stage's trees are shallower: two levels combine two interactions, and
-# three measured worse on simulated campaigns of 30,000 users.
-EFFECT_PARAMS: dict[str, Any] = {"max_depth": 2}
-DEFAULT_EFFECT_BOOST_ROUND = 200
-SPEC_FORMAT_VERSION = 2
+
+# The elasticity model. Its log-elasticity has one reach term per channel for app
+# users and one for the others, a term per offer kind after the first of COUPON_KINDS,
+# and a term per signal of ELASTICITY_SIGNALS. The signals of HINGE_SIGNALS also get
+# hinge terms max(0, signal - knot), with knots at HINGE_QUANTILES of the training
+# users, so that their effect can bend. Every coupon's effect comes from these shared
+# terms, which measured far better on the simulated store than trees that fit each
+# coupon's effect (benchmarks/decision_quality.py), because the trees fitted each
+# arm's sampling noise and gave seldom-redeemable coupons spurious effects.
+# NOTE: an effect that varies along a user feature outside these signals is not
+# learned; add a signal for it.
+ELASTICITY_SIGNALS: tuple[str, ...] = (
+    "views_per_session_30d",
+    "has_sessions_30d",
+    "log_view_price_index_90d",
+    "has_priced_views_90d",
+    "log_orders_90d",
+    "cart_rate",
+    "recency_months",
+    "offer_category_affinity",
+)
+HINGE_SIGNALS: tuple[str, ...] = (
+    "views_per_session_30d",
+    "log_view_price_index_90d",
+    "cart_rate",
+)
+HINGE_QUANTILES: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+# Penalty on the squared coefficients of the terms scaled to unit standard deviation,
+# added to the weighted negative log-likelihood summed over the treated rows (weights
+# of mean 1). On simulated stores of 30,000 users (benchmarks/decision_quality.py) a
+# penalty of 1 overfit some worlds, and 10 and 50 measured alike.
+DEFAULT_EFFECT_L2 = 10.0
+# The log-elasticity is clipped to this maximum so that exp() stays finite. The
+# largest fitted on a simulated store of 30,000 users was about 3.4.
+MAX_LOG_ELASTICITY = 5.0
+# Recency counts up to this many days, in months of 30 days.
+RECENCY_CAP_DAYS = 90.0
+
+SPEC_FORMAT_VERSION = 3
 # Top share of the holdout for the uplift@k metric of evaluate().
 UPLIFT_AT_K = 0.3
-# Rows of the (user, offer) design matrix scored per XGBoost call, to bound memory.
-_PREDICT_CHUNK_ROWS = 500_000
+# Users scored per chunk of predict_conversion, to bound memory.
+_PREDICT_CHUNK_USERS = 200_000
 
 
 def split_holdout(
@@ -176,9 +170,101 @@ def split_holdout(
     return np.asarray(positions / 2.0**64 < fraction, dtype=np.bool_)
 
 
+@dataclass(frozen=True)
+class OfferEffect:
+    """Fitted elasticity model of how offers raise the log-odds of conversion.
+
+    An offer of discount depth ``d`` adds ``d * exp(index)`` to the log-odds, where
+    ``index`` is the dot product of ``coefficients`` with the terms named
+    ``term_names`` (see ELASTICITY_SIGNALS), and ``knots`` are the hinge knots of
+    each of HINGE_SIGNALS. Depth is the percent of a percent_off offer, and for the
+    other kinds the value's share of the user's expected basket, at most 1. That
+    basket is :func:`shrunk_basket_cents` under ``basket_prior``, or without a
+    prior the user's aov_cents, with ``fallback_basket_cents`` for a user without a
+    purchase.
+    """
+
+    term_names: tuple[str, ...]
+    coefficients: tuple[float, ...]
+    knots: Mapping[str, tuple[float, ...]]
+    basket_prior: BasketPrior | None
+    fallback_basket_cents: int
+
+    def __post_init__(self) -> None:
+        if len(self.term_names) != len(self.coefficients):
+            raise ValueError(
+                f"OfferEffect has {len(self.term_names)} terms but "
+                f"{len(self.coefficients)} coefficients"
+            )
+        if self.fallback_basket_cents < 0:
+            raise ValueError(
+                f"fallback_basket_cents must be >= 0, got {self.fallback_basket_cents}"
+            )
+
+    def baskets(self, users: pd.DataFrame) -> FloatArray:
+        """Return the expected basket in cents of each user, as depth uses it."""
+        if self.basket_prior is not None:
+            basket = shrunk_basket_cents(users, self.basket_prior)
+            return np.asarray(basket, dtype=np.float64)
+        aov = _float_column(users, "aov_cents").fillna(0.0).to_numpy()
+        fallback = float(self.fallback_basket_cents)
+        return np.asarray(np.where(aov > 0, aov, fallback), dtype=np.float64)
+
+    def log_odds_gain(
+        self,
+        users: pd.DataFrame,
+        offer_rows: pd.DataFrame,
+        baskets: FloatArray,
+        encoding: FeatureEncoding,
+    ) -> FloatArray:
+        """Return the log-odds each offer row adds for the user row beside it."""
+        depth = _offer_depth(offer_rows, baskets)
+        terms = _elasticity_terms(users, offer_rows, self.knots, encoding)
+        index = terms.to_numpy(dtype=np.float64) @ np.asarray(self.coefficients)
+        return np.asarray(
+            depth * np.exp(np.minimum(index, MAX_LOG_ELASTICITY)), dtype=np.float64
+        )
+
+    def to_spec(self) -> dict[str, Any]:
+        """Return the effect as JSON-ready data, for :meth:`from_spec`."""
+        return {
+            "term_names": list(self.term_names),
+            "coefficients": [float(c) for c in self.coefficients],
+            "knots": {name: list(values) for name, values in self.knots.items()},
+            "basket_prior": (
+                None if self.basket_prior is None else asdict(self.basket_prior)
+            ),
+            "fallback_basket_cents": int(self.fallback_basket_cents),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> OfferEffect:
+        """Rebuild an effect from the output of :meth:`to_spec`."""
+        prior = spec.get("basket_prior")
+        return cls(
+            term_names=tuple(spec["term_names"]),
+            coefficients=tuple(float(c) for c in spec["coefficients"]),
+            knots={
+                str(name): tuple(float(k) for k in values)
+                for name, values in spec["knots"].items()
+            },
+            basket_prior=None if prior is None else BasketPrior(**prior),
+            fallback_basket_cents=int(spec["fallback_basket_cents"]),
+        )
+
+
+@dataclass(frozen=True)
+class FeatureEncoding:
+    """Vocabularies that turn offer attributes into model inputs."""
+
+    categories: tuple[str, ...] = CATEGORIES
+    offer_kinds: tuple[str, ...] = COUPON_KINDS
+    channels: tuple[str, ...] = CHANNELS
+
+
 @dataclass
 class ResponseModel:
-    """A trained booster and the feature encoding that scores (user, offer) rows."""
+    """A trained baseline booster and offer effect that score (user, offer) pairs."""
 
     booster: xgb.Booster
     user_features: tuple[str, ...]
@@ -187,17 +273,21 @@ class ResponseModel:
     channels: tuple[str, ...] = CHANNELS
     params: dict[str, Any] = field(default_factory=dict)
     num_boost_round: int = DEFAULT_NUM_BOOST_ROUND
-    effect_num_boost_round: int = DEFAULT_EFFECT_BOOST_ROUND
     trained_arms: tuple[str, ...] = ()
+    # None until train_response_model fits it.
+    effect: OfferEffect | None = None
     # Registered version URI (models:/<name>/<version>) when loaded from MLflow.
     model_uri: str | None = None
 
     @property
     def feature_names(self) -> list[str]:
-        """Columns of the design matrix, in the booster's order."""
-        return _feature_names(
-            self.user_features, self.categories, self.offer_kinds, self.channels
-        )
+        """Columns of the booster's input, in its order."""
+        return _feature_names(self.user_features, self.categories)
+
+    @property
+    def encoding(self) -> FeatureEncoding:
+        """The model's vocabularies of categories, offer kinds and channels."""
+        return FeatureEncoding(self.categories, self.offer_kinds, self.channels)
 
     def predict_conversion(
         self, users: pd.DataFrame, offers: pd.DataFrame
@@ -209,56 +299,55 @@ class ResponseModel:
         follow the COUPONS contract; an offer counts as sent by the channel that
         :func:`validate_offers` gives it, and stock and dates are not used.
         """
+        effect = self._trained_effect()
         users = users.reset_index(drop=True)
         offers = validate_offers(offers, self.offer_kinds, self.categories)
         n_users = len(users)
-        n_columns = 1 + len(offers)
-        result = np.empty((n_users, n_columns), dtype=np.float64)
-        if n_users == 0:
-            return result
-
-        users_per_chunk = max(1, _PREDICT_CHUNK_ROWS // n_columns)
-        for start in range(0, n_users, users_per_chunk):
-            chunk = users.iloc[start : start + users_per_chunk].reset_index(drop=True)
-            repeated_users = pd.concat([chunk] * n_columns, ignore_index=True)
-            offer_rows = _offer_rows_for_every_column(offers, len(chunk))
-            design = self.design_matrix(repeated_users, offer_rows)
-            scores = self._predict_design(design)
-            result[start : start + len(chunk)] = scores.reshape(n_columns, -1).T
+        result = np.empty((n_users, 1 + len(offers)), dtype=np.float64)
+        for start in range(0, n_users, _PREDICT_CHUNK_USERS):
+            chunk = users.iloc[start : start + _PREDICT_CHUNK_USERS]
+            chunk = chunk.reset_index(drop=True)
+            margin = self._baseline_margin(chunk)
+            baskets = effect.baskets(chunk)
+            rows = slice(start, start + len(chunk))
+            result[rows, 0] = expit(margin)
+            for j in range(len(offers)):
+                offer_rows = offers.iloc[[j] * len(chunk)].reset_index(drop=True)
+                gain = effect.log_odds_gain(chunk, offer_rows, baskets, self.encoding)
+                result[rows, j + 1] = expit(margin + gain)
         return result
 
     def predict_assigned(
         self, frame: pd.DataFrame, coupons: pd.DataFrame
     ) -> npt.NDArray[np.float64]:
-        """Predict P(convert) of each row of ``frame`` under the arm in its column."""
-        return self._predict_design(self.assigned_design_matrix(frame, coupons))
-
-    def assigned_design_matrix(
-        self, frame: pd.DataFrame, coupons: pd.DataFrame
-    ) -> pd.DataFrame:
-        """Build the booster's input for each row of ``frame`` under its ``arm``.
+        """Predict P(convert) of each row of ``frame`` under the arm in its column.
 
         A ``channel`` column of ``frame`` gives the channel each offer was sent by.
         Without one, an offer counts as sent by its coupon's first listed channel.
         """
-        coupons = validate_offers(
-            coupons, self.offer_kinds, self.categories, drop_repeated=True
-        )
+        effect = self._trained_effect()
         frame = frame.reset_index(drop=True)
-        offer_rows = _offer_rows_for_arms(frame, coupons)
-        if "channel" in frame.columns:
-            offer_rows["channel"] = frame["channel"].astype("string")
-        return self.design_matrix(frame, offer_rows)
+        offer_rows = self._assigned_offer_rows(frame, coupons)
+        margin = self._baseline_margin(frame)
+        gain = effect.log_odds_gain(
+            frame, offer_rows, effect.baskets(frame), self.encoding
+        )
+        return np.asarray(expit(margin + gain), dtype=np.float64)
 
-    def design_matrix(
-        self, users: pd.DataFrame, offer_rows: pd.DataFrame
+    def assigned_design_matrix(
+        self, frame: pd.DataFrame, coupons: pd.DataFrame
     ) -> pd.DataFrame:
-        """Build the booster's input: row i pairs user row i with offer row i.
+        """Build the booster's input for each row of ``frame``, after checking its arm.
 
-        ``offer_rows`` has the columns of :func:`validate_offers`, with a missing
-        ``coupon_id`` for no offer. Both frames must have a default RangeIndex of
-        the same length.
+        The booster predicts conversion without an offer, so its input contains only
+        the user features, and the arm acts through :attr:`effect`.
         """
+        frame = frame.reset_index(drop=True)
+        self._assigned_offer_rows(frame, coupons)
+        return self.design_matrix(frame)
+
+    def design_matrix(self, users: pd.DataFrame) -> pd.DataFrame:
+        """Build the booster's input, one row per row of ``users``."""
         missing = [
             c for c in (*self.user_features, TOP_CATEGORY_COLUMN) if c not in users
         ]
@@ -267,16 +356,11 @@ class ResponseModel:
                 f"user frame is missing columns {missing}, which the response model "
                 "was trained on; pass the user feature frame of the same feature run"
             )
-        user_part = _user_feature_block(users, self.user_features, self.categories)
-        offer_part = _offer_feature_block(
-            users, offer_rows, self.categories, self.offer_kinds, self.channels
-        )
-        effect_part = _effect_feature_block(users, offer_part)
-        design = pd.concat([user_part, offer_part, effect_part], axis=1)
-        return design[self.feature_names]
+        block = _user_feature_block(users, self.user_features, self.categories)
+        return block[self.feature_names]
 
     def to_spec(self) -> dict[str, Any]:
-        """Return the feature encoding as JSON-ready data, for from_spec."""
+        """Return the encoding and the offer effect as JSON-ready data."""
         return {
             "format_version": SPEC_FORMAT_VERSION,
             "user_features": list(self.user_features),
@@ -287,8 +371,8 @@ class ResponseModel:
             "control_arm": CONTROL_ARM,
             "params": dict(self.params),
             "num_boost_round": self.num_boost_round,
-            "effect_num_boost_round": self.effect_num_boost_round,
             "trained_arms": list(self.trained_arms),
+            "effect": None if self.effect is None else self.effect.to_spec(),
         }
 
     @classmethod
@@ -305,6 +389,7 @@ class ResponseModel:
                 f"response model spec uses control arm {spec.get('control_arm')!r}, "
                 f"expected {CONTROL_ARM!r}; retrain the model"
             )
+        effect_spec = spec.get("effect")
         model = cls(
             booster=booster,
             user_features=tuple(spec["user_features"]),
@@ -313,8 +398,8 @@ class ResponseModel:
             channels=tuple(spec["channels"]),
             params=dict(spec.get("params", {})),
             num_boost_round=int(spec.get("num_boost_round", 0)),
-            effect_num_boost_round=int(spec.get("effect_num_boost_round", 0)),
             trained_arms=tuple(spec.get("trained_arms", ())),
+            effect=None if effect_spec is None else OfferEffect.from_spec(effect_spec),
         )
         stored_names = list(spec["feature_names"])
         if model.feature_names != stored_names or booster.feature_names != stored_names:
@@ -323,13 +408,42 @@ class ResponseModel:
                 f"(spec {stored_names}, booster {booster.feature_names}); the "
                 "artifacts do not belong together, so re-register the model"
             )
+        if model.effect is not None:
+            expected_terms = _term_names(model.encoding, model.effect.knots)
+            if list(model.effect.term_names) != expected_terms:
+                raise ValueError(
+                    "response model spec has effect terms "
+                    f"{list(model.effect.term_names)}, but its encoding gives "
+                    f"{expected_terms}; re-register the model"
+                )
         return model
 
-    def _predict_design(self, design: pd.DataFrame) -> npt.NDArray[np.float64]:
+    def _trained_effect(self) -> OfferEffect:
+        if self.effect is None:
+            raise ValueError(
+                "response model has no offer effect; train it with "
+                "train_response_model before predicting"
+            )
+        return self.effect
+
+    def _baseline_margin(self, users: pd.DataFrame) -> FloatArray:
+        design = self.design_matrix(users)
         matrix = xgb.DMatrix(
             design.to_numpy(dtype=np.float64), feature_names=list(design.columns)
         )
-        return np.asarray(self.booster.predict(matrix), dtype=np.float64)
+        margin = self.booster.predict(matrix, output_margin=True)
+        return np.asarray(margin, dtype=np.float64)
+
+    def _assigned_offer_rows(
+        self, frame: pd.DataFrame, coupons: pd.DataFrame
+    ) -> pd.DataFrame:
+        coupons = validate_offers(
+            coupons, self.offer_kinds, self.categories, drop_repeated=True
+        )
+        offer_rows = _offer_rows_for_arms(frame, coupons)
+        if "channel" in frame.columns:
+            offer_rows["channel"] = frame["channel"].astype("string")
+        return offer_rows
 
 
 def train_response_model(
@@ -345,21 +459,21 @@ def train_response_model(
     ``propensity``. Rows are weighted by the inverse of the propensity, so that a
     non-uniform random assignment still gives unbiased effects.
 
-    The first stage fits conversion without an offer on the control rows, so its trees
-    split on user features only. The second stage starts from it and fits every row
-    with trees on EFFECT_STAGE_FEATURES only, which are 0 for no offer: its trees
-    change the prediction of offered rows and shift control rows by one constant.
-    Both stages end up in one booster.
+    The booster fits conversion without an offer on the control rows. The offer
+    effect (see :class:`OfferEffect`) is then fitted by maximum likelihood on the
+    treated rows, with the booster's prediction as offset, so that every coupon's
+    effect comes from the same few coefficients. The basket prior that depth uses
+    is fitted on ``train_frame`` and kept, so that a user's prediction does not
+    depend on the other users scored with it.
 
-    ``params`` override DEFAULT_PARAMS in both stages, and EFFECT_PARAMS override
-    them in the second. Its key ``num_boost_round`` sets the first stage's trees and
-    ``effect_num_boost_round`` the second's.
+    ``params`` override DEFAULT_PARAMS. Its key ``num_boost_round`` sets the
+    booster's trees and ``effect_l2`` the effect's penalty (DEFAULT_EFFECT_L2).
     """
     merged_params = {**DEFAULT_PARAMS, **dict(params or {})}
     num_boost_round = int(merged_params.pop("num_boost_round", DEFAULT_NUM_BOOST_ROUND))
-    effect_rounds = int(
-        merged_params.pop("effect_num_boost_round", DEFAULT_EFFECT_BOOST_ROUND)
-    )
+    effect_l2 = float(merged_params.pop("effect_l2", DEFAULT_EFFECT_L2))
+    if effect_l2 < 0:
+        raise ValueError(f"effect_l2 must be >= 0, got {effect_l2}")
     merged_params["seed"] = seed
 
     coupons = validate_offers(coupons, COUPON_KINDS, CATEGORIES, drop_repeated=True)
@@ -385,10 +499,10 @@ def train_response_model(
         user_features=user_features,
         params=merged_params,
         num_boost_round=num_boost_round,
-        effect_num_boost_round=effect_rounds,
         trained_arms=tuple(sorted(arms.unique().tolist())),
     )
-    design = model.assigned_design_matrix(frame, coupons)
+    offer_rows = model._assigned_offer_rows(frame, coupons)
+    design = model.design_matrix(frame)
     log.info(
         "training response model on %d rows (%d control, %d arms, %d features)",
         len(frame),
@@ -396,13 +510,18 @@ def train_response_model(
         len(model.trained_arms),
         len(design.columns),
     )
-    model.booster = _train_two_stages(
-        design,
-        labels,
-        weights,
-        is_control,
-        params=merged_params,
-        rounds=(num_boost_round, effect_rounds),
+    model.booster = _train_baseline(
+        design, labels, weights, is_control, merged_params, num_boost_round
+    )
+    treated = ~is_control
+    model.effect = _fit_offer_effect(
+        frame[treated].reset_index(drop=True),
+        offer_rows[treated].reset_index(drop=True),
+        model._baseline_margin(frame)[treated],
+        labels[treated],
+        weights[treated],
+        model.encoding,
+        effect_l2,
     )
     return model
 
@@ -548,20 +667,220 @@ def metric_key(name: str) -> str:
 
 
 def _feature_names(
-    user_features: tuple[str, ...],
-    categories: tuple[str, ...],
-    offer_kinds: tuple[str, ...],
-    channels: tuple[str, ...],
+    user_features: tuple[str, ...], categories: tuple[str, ...]
 ) -> list[str]:
     return [
         *user_features,
         *(f"top_category_{category}" for category in categories),
-        "treated",
-        *(f"kind_{kind}" for kind in offer_kinds),
-        *(f"channel_{channel}" for channel in channels),
-        *OFFER_ATTRIBUTE_FEATURES,
-        *EFFECT_FEATURES,
     ]
+
+
+def _train_baseline(
+    design: pd.DataFrame,
+    labels: FloatArray,
+    weights: FloatArray,
+    is_control: npt.NDArray[np.bool_],
+    params: dict[str, Any],
+    rounds: int,
+) -> xgb.Booster:
+    # The trees start from the control rows' conversion rate.
+    base_rate = float(np.average(labels[is_control], weights=weights[is_control]))
+    base_score = min(max(base_rate, 1e-6), 1.0 - 1e-6)
+    rows = xgb.DMatrix(
+        design.to_numpy(dtype=np.float64)[is_control],
+        label=labels[is_control],
+        weight=weights[is_control],
+        feature_names=list(design.columns),
+    )
+    return xgb.train({**params, "base_score": base_score}, rows, num_boost_round=rounds)
+
+
+def _fit_offer_effect(
+    users: pd.DataFrame,
+    offer_rows: pd.DataFrame,
+    margin: FloatArray,
+    labels: FloatArray,
+    weights: FloatArray,
+    encoding: FeatureEncoding,
+    l2: float,
+) -> OfferEffect:
+    """Fit the effect's coefficients on treated rows by penalized likelihood."""
+    aov = _float_column(users, "aov_cents").fillna(0.0).to_numpy()
+    bought = aov[aov > 0]
+    prior = fit_basket_prior(users)
+    effect = OfferEffect(
+        term_names=(),
+        coefficients=(),
+        knots=_fit_knots(users),
+        basket_prior=prior,
+        fallback_basket_cents=int(np.median(bought)) if bought.size else 0,
+    )
+    depth = _offer_depth(offer_rows, effect.baskets(users))
+    terms = _elasticity_terms(users, offer_rows, effect.knots, encoding)
+    # The penalty acts on coefficients of terms scaled to unit standard deviation,
+    # so that it does not depend on a term's units.
+    scale = terms.to_numpy(dtype=np.float64).std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    matrix = terms.to_numpy(dtype=np.float64) / scale
+
+    def penalized_loss(coefficients: FloatArray) -> tuple[float, FloatArray]:
+        index = matrix @ coefficients
+        elasticity = np.exp(np.minimum(index, MAX_LOG_ELASTICITY))
+        log_odds = margin + depth * elasticity
+        # -log p = log(1 + e^-z) and -log(1 - p) = log(1 + e^z), without overflow.
+        loss = np.where(
+            labels > 0, np.logaddexp(0.0, -log_odds), np.logaddexp(0.0, log_odds)
+        )
+        residual = weights * (expit(log_odds) - labels)
+        slope = depth * elasticity * (index < MAX_LOG_ELASTICITY)
+        gradient = matrix.T @ (residual * slope) + 2.0 * l2 * coefficients
+        value = float(np.dot(weights, loss) + l2 * np.dot(coefficients, coefficients))
+        return value, gradient
+
+    result = minimize(
+        penalized_loss, np.zeros(matrix.shape[1]), jac=True, method="L-BFGS-B"
+    )
+    if not result.success:
+        log.warning(
+            "offer effect fit stopped before converging (%s); using its last "
+            "coefficients",
+            result.message,
+        )
+    log.info(
+        "fitted offer effect on %d treated rows: %s",
+        len(users),
+        ", ".join(
+            f"{n} {c:+.2f}" for n, c in zip(terms.columns, result.x, strict=True)
+        ),
+    )
+    return OfferEffect(
+        term_names=tuple(terms.columns),
+        coefficients=tuple(float(c) for c in result.x / scale),
+        knots=effect.knots,
+        basket_prior=prior,
+        fallback_basket_cents=effect.fallback_basket_cents,
+    )
+
+
+def _user_signals(users: pd.DataFrame) -> dict[str, FloatArray]:
+    """Return the user columns of ELASTICITY_SIGNALS, 0 where a signal is missing."""
+    sessions = _float_column(users, "sessions_30d").fillna(0.0).to_numpy() > 0
+    views = _float_column(users, "views_per_session_30d").fillna(0.0).to_numpy()
+    price_index = _float_column(users, "view_price_index_90d").fillna(0.0).to_numpy()
+    priced = price_index > 0
+    orders = _float_column(users, "orders_90d").fillna(0.0).to_numpy()
+    recency = _float_column(users, "recency_days").fillna(RECENCY_CAP_DAYS).to_numpy()
+    cart_rate = _float_column(users, "cart_rate").fillna(0.0).to_numpy()
+    return {
+        "views_per_session_30d": np.where(sessions, views, 0.0),
+        "has_sessions_30d": sessions.astype(np.float64),
+        "log_view_price_index_90d": np.log(np.where(priced, price_index, 1.0)),
+        "has_priced_views_90d": priced.astype(np.float64),
+        "log_orders_90d": np.log1p(np.maximum(orders, 0.0)),
+        "cart_rate": cart_rate,
+        "recency_months": np.clip(recency, 0.0, RECENCY_CAP_DAYS) / 30.0,
+    }
+
+
+def _fit_knots(users: pd.DataFrame) -> dict[str, tuple[float, ...]]:
+    """Return HINGE_QUANTILES of each hinge signal over the users who have it."""
+    signals = _user_signals(users)
+    present = {
+        "views_per_session_30d": signals["has_sessions_30d"] > 0,
+        "log_view_price_index_90d": signals["has_priced_views_90d"] > 0,
+    }
+    knots: dict[str, tuple[float, ...]] = {}
+    for name in HINGE_SIGNALS:
+        values = signals[name][present.get(name, np.ones(len(users), dtype=bool))]
+        if values.size == 0:
+            knots[name] = ()
+            continue
+        quantiles = np.unique(np.quantile(values, HINGE_QUANTILES))
+        knots[name] = tuple(float(q) for q in quantiles)
+    return knots
+
+
+def _term_names(
+    encoding: FeatureEncoding, knots: Mapping[str, tuple[float, ...]]
+) -> list[str]:
+    names = [
+        f"reach_{channel}_{audience}"
+        for channel in encoding.channels
+        for audience in ("app", "other")
+    ]
+    names += [f"kind_{kind}" for kind in encoding.offer_kinds[1:]]
+    for signal in ELASTICITY_SIGNALS:
+        names.append(signal)
+        names += [f"{signal}_over_{i}" for i in range(len(knots.get(signal, ())))]
+    return names
+
+
+def _elasticity_terms(
+    users: pd.DataFrame,
+    offer_rows: pd.DataFrame,
+    knots: Mapping[str, tuple[float, ...]],
+    encoding: FeatureEncoding,
+) -> pd.DataFrame:
+    """Build the terms of the log-elasticity, one row per (user, offer) row pair.
+
+    Rows without an offer get the terms too; their depth of 0 cancels them.
+    """
+    if len(users) != len(offer_rows):
+        raise ValueError(
+            f"the offer effect needs one offer row per user row, got "
+            f"{len(offer_rows)} offer rows for {len(users)} user rows"
+        )
+    signals = _user_signals(users)
+    signals["offer_category_affinity"] = _offer_category_affinity(
+        users, offer_rows, encoding.categories
+    )
+    uses_app = _float_column(users, "uses_app").fillna(0.0).to_numpy() > 0
+    channel = offer_rows["channel"].astype("string")
+    kind = offer_rows["kind"].astype("string")
+
+    columns: dict[str, FloatArray] = {}
+    for name in encoding.channels:
+        sent_by = (channel == name).fillna(False).to_numpy(dtype=bool)
+        columns[f"reach_{name}_app"] = (sent_by & uses_app).astype(np.float64)
+        columns[f"reach_{name}_other"] = (sent_by & ~uses_app).astype(np.float64)
+    for name in encoding.offer_kinds[1:]:
+        is_kind = (kind == name).fillna(False).to_numpy(dtype=bool)
+        columns[f"kind_{name}"] = is_kind.astype(np.float64)
+    for signal in ELASTICITY_SIGNALS:
+        values = signals[signal]
+        columns[signal] = values
+        for i, knot in enumerate(knots.get(signal, ())):
+            columns[f"{signal}_over_{i}"] = np.maximum(0.0, values - knot)
+    terms = pd.DataFrame(columns, index=users.index)
+    return terms[_term_names(encoding, knots)]
+
+
+def _offer_category_affinity(
+    users: pd.DataFrame, offer_rows: pd.DataFrame, categories: tuple[str, ...]
+) -> FloatArray:
+    """Return the user's affinity for the offer's category, 1 for every category."""
+    category = offer_rows["category"].astype("string")
+    affinity = np.ones(len(users))
+    for name in categories:
+        rows = (category == name).fillna(False).to_numpy(dtype=bool)
+        if rows.any():
+            column = _float_column(users, f"affinity_{name}").fillna(0.0).to_numpy()
+            affinity[rows] = column[rows]
+    return affinity
+
+
+def _offer_depth(offer_rows: pd.DataFrame, baskets: FloatArray) -> FloatArray:
+    """Return each offer's discount share of the basket in [0, 1], 0 for no offer.
+
+    percent_off gives its percent; the other kinds give their value over the
+    basket, and 0 for a basket of 0.
+    """
+    treated = offer_rows["coupon_id"].notna().to_numpy()
+    percent = (offer_rows["kind"] == "percent_off").fillna(False).to_numpy(dtype=bool)
+    value = offer_rows["value"].to_numpy(dtype=np.float64, na_value=0.0)
+    share = np.divide(value, baskets, out=np.zeros(len(offer_rows)), where=baskets > 0)
+    depth = np.where(percent, value / 10_000.0, share)
+    return np.asarray(np.where(treated, np.clip(depth, 0.0, 1.0), 0.0), np.float64)
 
 
 def _user_feature_block(
@@ -576,172 +895,6 @@ def _user_feature_block(
             (top == category).fillna(False).astype(float)
         )
     return block
-
-
-def _offer_feature_block(
-    users: pd.DataFrame,
-    offer_rows: pd.DataFrame,
-    categories: tuple[str, ...],
-    offer_kinds: tuple[str, ...],
-    channels: tuple[str, ...],
-) -> pd.DataFrame:
-    if len(users) != len(offer_rows):
-        raise ValueError(
-            f"design_matrix needs one offer row per user row, got {len(offer_rows)} "
-            f"offer rows for {len(users)} user rows"
-        )
-    treated = offer_rows["coupon_id"].notna().to_numpy()
-    kind = offer_rows["kind"].astype("string")
-    value = offer_rows["value"].to_numpy(dtype=np.float64, na_value=np.nan)
-    min_spend = offer_rows["min_spend_cents"].to_numpy(
-        dtype=np.float64, na_value=np.nan
-    )
-    valid_days = offer_rows["valid_days"].to_numpy(dtype=np.float64, na_value=np.nan)
-    category = offer_rows["category"].astype("string")
-    for_every_category = (category.isna() | (category == ALL_CATEGORIES)).to_numpy()
-
-    top = users[TOP_CATEGORY_COLUMN].astype("string")
-    matches_top = (category == top).fillna(False).to_numpy(dtype=bool)
-    matches_top = treated & (matches_top | for_every_category)
-
-    affinity_columns = [f"affinity_{c}" for c in categories]
-    affinities = np.column_stack([_float_column(users, c) for c in affinity_columns])
-    category_index = category.map({c: i for i, c in enumerate(categories)})
-    index = category_index.fillna(0).to_numpy(dtype=np.int64)
-    offer_affinity = affinities[np.arange(len(users)), index]
-    # An offer valid in every category applies to the whole basket.
-    offer_affinity = np.where(
-        for_every_category, affinities.sum(axis=1), offer_affinity
-    )
-
-    aov = _float_column(users, "aov_cents").to_numpy()
-    aov = np.where(aov > 0, aov, np.nan)
-    is_percent = (kind == "percent_off").fillna(False).to_numpy(dtype=bool)
-    discount_share = np.where(is_percent, value / 10_000.0, value / aov)
-
-    block = pd.DataFrame(index=users.index)
-    block["treated"] = treated.astype(float)
-    for offer_kind in offer_kinds:
-        block[f"kind_{offer_kind}"] = (kind == offer_kind).fillna(False).astype(float)
-    channel = offer_rows["channel"].astype("string")
-    for name in channels:
-        sent_by = (channel == name).fillna(False).to_numpy(dtype=bool)
-        block[f"channel_{name}"] = (treated & sent_by).astype(float)
-    block["offer_value"] = np.where(treated, value, 0.0)
-    block["offer_min_spend_cents"] = np.where(treated, min_spend, 0.0)
-    block["offer_valid_days"] = np.where(treated, valid_days, 0.0)
-    block["offer_matches_top_category"] = matches_top.astype(float)
-    block["offer_category_affinity"] = np.where(treated, offer_affinity, 0.0)
-    block["offer_discount_share_of_aov"] = np.where(treated, discount_share, 0.0)
-    block["offer_min_spend_over_aov"] = np.where(treated, min_spend / aov, 0.0)
-    return block
-
-
-def _effect_feature_block(
-    users: pd.DataFrame, offer_part: pd.DataFrame
-) -> pd.DataFrame:
-    """Build EFFECT_FEATURES from the user columns and the offer block.
-
-    Missing inputs (no order, so no depth of an amount; no priced view, so no
-    cheapness) stay missing, and XGBoost learns where such rows go.
-    """
-    treated = offer_part["treated"].to_numpy()
-    depth = np.where(treated > 0, offer_part["offer_discount_share_of_aov"], 0.0)
-    views = _float_column(users, "views_per_session_30d").to_numpy()
-    price_index = _float_column(users, "view_price_index_90d").to_numpy()
-    cheapness = np.divide(
-        1.0, price_index, out=np.full(len(users), np.nan), where=price_index > 0
-    )
-    push_app = (
-        offer_part["channel_push"].to_numpy()
-        * _float_column(users, "uses_app").to_numpy()
-    )
-    sms = offer_part["channel_sms"].to_numpy()
-    email = offer_part["channel_email"].to_numpy()
-
-    block = pd.DataFrame(index=users.index)
-    block["effect_depth_x_views"] = depth * views
-    block["effect_depth_x_cheapness"] = depth * cheapness
-    block["effect_depth_x_views_push_app"] = depth * views * push_app
-    block["effect_depth_x_cheapness_push_app"] = depth * cheapness * push_app
-    block["effect_depth_x_views_sms"] = depth * views * sms
-    block["effect_depth_x_views_email"] = depth * views * email
-    block["effect_push_app"] = push_app
-    block["effect_views"] = treated * views
-    # 0 * NaN is NaN, so rows without an offer get an explicit 0.
-    block["effect_cheapness"] = np.where(treated > 0, cheapness, 0.0)
-    block["effect_orders"] = treated * _float_column(users, "orders_90d").to_numpy()
-    block["effect_cart_rate"] = treated * _float_column(users, "cart_rate").to_numpy()
-    for name in ("effect_depth_x_cheapness", "effect_depth_x_cheapness_push_app"):
-        block[name] = np.where(treated > 0, block[name], 0.0)
-    return block
-
-
-def _train_two_stages(
-    design: pd.DataFrame,
-    labels: npt.NDArray[np.float64],
-    weights: npt.NDArray[np.float64],
-    is_control: npt.NDArray[np.bool_],
-    params: dict[str, Any],
-    rounds: tuple[int, int],
-) -> xgb.Booster:
-    """Fit the user stage on control rows, then the effect stage on every row.
-
-    In the second stage every column outside EFFECT_STAGE_FEATURES is set to 0, so
-    its trees cannot split on them, and its base margin adds back what the first
-    stage predicts from the real columns.
-    """
-    names = list(design.columns)
-    values = design.to_numpy(dtype=np.float64)
-    # One explicit base score for both stages, so the second stage's margin is the
-    # first stage's prediction and not a re-estimated intercept.
-    base_rate = float(np.average(labels[is_control], weights=weights[is_control]))
-    base_score = min(max(base_rate, 1e-6), 1.0 - 1e-6)
-    user_params = {**params, "base_score": base_score}
-    user_rows = xgb.DMatrix(
-        values[is_control],
-        label=labels[is_control],
-        weight=weights[is_control],
-        feature_names=names,
-    )
-    booster = xgb.train(user_params, user_rows, num_boost_round=rounds[0])
-
-    offer_values = values.copy()
-    hidden = [i for i, name in enumerate(names) if name not in EFFECT_STAGE_FEATURES]
-    offer_values[:, hidden] = 0.0
-    user_margin = booster.predict(
-        xgb.DMatrix(values, feature_names=names), output_margin=True
-    )
-    blank_margin = booster.predict(
-        xgb.DMatrix(offer_values, feature_names=names), output_margin=True
-    )
-    monotone = ",".join(
-        "1" if name in _INCREASING_EFFECT_FEATURES else "0" for name in names
-    )
-    effect_params = {
-        **params,
-        **EFFECT_PARAMS,
-        "base_score": base_score,
-        "monotone_constraints": f"({monotone})",
-    }
-    offer_rows = xgb.DMatrix(
-        offer_values,
-        label=labels,
-        weight=weights,
-        feature_names=names,
-        base_margin=user_margin - blank_margin + logit(base_score),
-    )
-    return xgb.train(
-        effect_params, offer_rows, num_boost_round=rounds[1], xgb_model=booster
-    )
-
-
-def _offer_rows_for_every_column(offers: pd.DataFrame, n_users: int) -> pd.DataFrame:
-    no_offer = pd.DataFrame(index=range(n_users), columns=offers.columns)
-    blocks = [no_offer.astype(offers.dtypes.to_dict())]
-    for j in range(len(offers)):
-        blocks.append(offers.iloc[[j] * n_users])
-    return pd.concat(blocks, ignore_index=True)
 
 
 def _offer_rows_for_arms(frame: pd.DataFrame, coupons: pd.DataFrame) -> pd.DataFrame:
