@@ -128,12 +128,11 @@ def allocate_campaign(
         )
     if ids.isna().any() or (ids == "").any() or ids.duplicated().any():
         raise ValueError("user_ids must be unique, non-empty strings")
-    group, choice_draw = draw_groups(ids, holdout_fraction, explore_fraction, seed)
-
     open_options = _open_options(options, spec)
     n_choices = open_options.sum(axis=1)
-    explorers = np.flatnonzero(group == GROUP_EXPLORE)
-    explored = _draw_options(open_options[explorers], choice_draw[explorers])
+    group, explorers, explored = _exploration_draws(
+        ids, open_options, holdout_fraction, explore_fraction, seed
+    )
     # NOTE: the solver's choices depend on the draws through what they reserve, so
     # each propensity is exact given the solved allocation, not over all draws.
     reserved = _reserve(options, spec, explorers, explored)
@@ -196,14 +195,14 @@ def fit_explore_fraction(
     open_options = _open_options(options, spec)
     fraction = explore_fraction
     while fraction >= 1e-4:
-        group, choice_draw = draw_groups(ids, holdout_fraction, fraction, seed)
-        explorers = np.flatnonzero(group == GROUP_EXPLORE)
+        _, explorers, explored = _exploration_draws(
+            ids, open_options, holdout_fraction, fraction, seed
+        )
         if explorers.size == 0:
             # A fraction too small to draw anyone explores nothing.
             return 0.0
-        explored = _draw_options(open_options[explorers], choice_draw[explorers])
-        quanta, grants, messages = _usage(options, spec, explorers, explored)
-        over = _over_share(spec, max_share, quanta, grants, messages)
+        usage = _usage(options, spec, explorers, explored)
+        over = _over_share(spec, max_share, *usage)
         if not over:
             return fraction
         log.info(
@@ -363,25 +362,28 @@ def _reserve(
     explorers: IntArray,
     explored: npt.NDArray[np.int16],
 ) -> tuple[int, IntArray, IntArray]:
-    quanta, grants, messages = _usage(options, spec, explorers, explored)
-    if quanta > spec.budget_cents * COST_QUANTA_PER_CENT:
+    usage = _usage(options, spec, explorers, explored)
+    over = _over_share(spec, 1.0, *usage)
+    if over:
         raise ValueError(
-            f"exploration draws cost {quanta / COST_QUANTA_PER_CENT:.0f} cents, over "
-            f"the budget of {spec.budget_cents}; lower explore_fraction or raise the "
-            "budget"
+            f"the exploration draws use {'; '.join(over)}, over the limit; lower "
+            "explore_fraction or raise the limit"
         )
-    for names, used, limit in (
-        (spec.offer_ids, grants, spec.stock),
-        (spec.channels, messages, spec.capacity),
-    ):
-        over = np.flatnonzero(used > limit)
-        if over.size:
-            j = int(over[0])
-            raise ValueError(
-                f"exploration draws use {int(used[j])} of {names[j]!r}, over its limit "
-                f"of {int(limit[j])}; lower explore_fraction or raise the limit"
-            )
-    return quanta, grants, messages
+    return usage
+
+
+def _exploration_draws(
+    ids: pd.Series,
+    open_options: npt.NDArray[np.bool_],
+    holdout_fraction: float,
+    explore_fraction: float,
+    seed: int,
+) -> tuple[npt.NDArray[np.int8], IntArray, npt.NDArray[np.int16]]:
+    """Return each user's group, the exploring users and the option each draws."""
+    group, choice_draw = draw_groups(ids, holdout_fraction, explore_fraction, seed)
+    explorers = np.flatnonzero(group == GROUP_EXPLORE)
+    explored = _draw_options(open_options[explorers], choice_draw[explorers])
+    return group, explorers, explored
 
 
 def _over_share(
