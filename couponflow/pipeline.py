@@ -273,8 +273,9 @@ def check_request(params: dict[str, Any], run_id: str | None) -> dict[str, Any]:
 
     Raises ``ValueError`` naming the bad value: fractions whose sum is not below 1,
     an unknown channel, a negative or too large amount, a send time without a time
-    zone, or a campaign that already has grants (a new version would move users who
-    hold a coupon to another arm or into the holdout).
+    zone, or a campaign that already has grants. Such a campaign is rejected because
+    a new version would move users who hold a coupon to another arm or into the
+    holdout.
     """
     from couponflow.allocation import ChannelRules
     from couponflow.allocation.policy import validate_fractions

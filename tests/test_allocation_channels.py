@@ -62,7 +62,7 @@ def test_zero_reach_leaves_the_discount_on_base_orders() -> None:
     np.testing.assert_allclose(timed.profit_cents, -50.0)
 
 
-def test_reach_of_the_wrong_shape_or_range_is_refused() -> None:
+def test_invalid_reach_raises() -> None:
     scores = _scores(0.1, 0.3, 500.0, 4_000.0)
     with pytest.raises(ValueError, match=r"reach must be \(1, 3\)"):
         at_send_hours(scores, np.ones((1, 2)))

@@ -74,7 +74,7 @@ class OfferScores:
 
 
 class ConversionModel(Protocol):
-    """What scoring needs of a response model: P(convert) under no offer and each."""
+    """Response model interface of scoring: P(convert) without and with each offer."""
 
     def predict_conversion(
         self, users: pd.DataFrame, offers: pd.DataFrame
